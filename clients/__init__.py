@@ -1,0 +1,1 @@
+"""Clients of the talkscope event server (the Python client and ``watch`` arrive with serving)."""

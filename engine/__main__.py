@@ -1,0 +1,7 @@
+"""``python -m engine`` runs the talkscope CLI."""
+
+import sys
+
+from engine.cli import main
+
+sys.exit(main())

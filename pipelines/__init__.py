@@ -1,0 +1,1 @@
+"""Assembled pipelines built from ``engine`` stages: offline jobs now, live serving later."""
