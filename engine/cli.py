@@ -95,9 +95,12 @@ def exit_code(error: BaseException) -> int:
     return EXIT_FAILURE
 
 
-def _report(error: BaseException, debug: bool) -> None:
+def _report(error: BaseException, debug: bool, *, quiet: bool = False) -> None:
+    """One line on stderr (none when ``quiet``); the traceback too with ``--debug``."""
     if debug:
-        logging.exception("talkscope failed")
+        logging.error("talkscope failed", exc_info=error)
+    if quiet:
+        return
     kind = type(error).__name__
     print(f"talkscope: error: {error} [{kind}]", file=sys.stderr)
 
@@ -117,8 +120,7 @@ async def _inspect(args: argparse.Namespace) -> int:
             worst = max(worst, exit_code(error))
             if args.json:
                 print(json.dumps({"source": uri, "error": str(error)}), flush=True)
-            else:
-                print(f"talkscope: error: {error} [{type(error).__name__}]", file=sys.stderr)
+            _report(error, args.debug, quiet=args.json)
             continue
         if args.json:
             print(json.dumps(report.to_json()), flush=True)
@@ -133,7 +135,8 @@ def _describe(report: InspectReport) -> str:
     level = data.get("audio_rms_dbfs")
     lines = [
         f"{data['source']}",
-        f"  video   {data['video_frames']} frames at 25 fps ({data['video_seconds']:.2f} s), {size}",
+        f"  video   {data['video_frames']} frames at 25 fps "
+        f"({data['video_seconds']:.2f} s), {size}",
         f"  audio   {data['audio_seconds']:.2f} s at 16 kHz mono, level "
         + (f"{level:.1f} dBFS" if level is not None else "silent"),
         f"  mfcc    {data['mfcc_frames']} frames x 13 ({data['mfcc_preset']} preset)",

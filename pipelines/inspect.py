@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.frame import Frame, FrameKind
-from engine.core.stage import Pipeline, ProcessorStage
+from engine.core.stage import Pipeline, ProcessorStage, Stage
 from engine.dsp.stage import MfccBlock, MfccStage
 from engine.sources import SourceStateChange, open_source
 
@@ -69,7 +69,8 @@ async def inspect_source(
     tally = _Tally()
     meter = ProcessorStage(tally.meter, name="level")
     async with source:
-        async with Pipeline(source, [meter, MfccStage(preset)], capacity=32) as pipe:
+        stages: list[Stage[Any, Any]] = [meter, MfccStage(preset)]
+        async with Pipeline[MfccBlock | Frame](source, stages, capacity=32) as pipe:
             async for item in pipe.outputs():
                 tally.add(item)
                 if max_seconds is not None and tally.media_seconds() >= max_seconds:
@@ -130,4 +131,3 @@ class _Tally:
         media = max(report.video_seconds, report.audio_seconds)
         report.realtime_factor = round(media / report.seconds, 1) if report.seconds else 0.0
         report.seconds = round(report.seconds, 3)
-

@@ -1,0 +1,1 @@
+"""Core types: the frame, bounded channels, stages and pipelines, clocks and errors."""

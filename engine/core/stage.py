@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from engine.core.channel import Channel, ChannelStats, FullPolicy
-from engine.core.errors import StageError
+from engine.core.errors import ChannelClosed, StageError
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -83,7 +83,8 @@ class Pipeline(Generic[Out]):
 
     Reading :meth:`outputs` to its end lets every item through. Leaving the ``async with``
     block cancels whatever still runs and discards what is queued (counted); to drain instead,
-    call ``aclose(drain=True)`` while a reader is still consuming the outputs. A stage that raises stops the whole
+    call ``aclose(drain=True)`` while a reader is still consuming the outputs. A stage that
+    raises stops the whole
     pipeline and the error surfaces from :meth:`outputs` (or from ``aclose``) as
     :class:`StageError`.
 
@@ -158,6 +159,8 @@ class Pipeline(Generic[Out]):
             if first.closed:  # aclose(drain=True) stopped the intake on purpose
                 return
             raise
+        except ChannelClosed:  # the pipeline is shutting down: stop quietly
+            return
         except Exception as error:
             raise StageError(f"{self.name}: source failed: {error}") from error
         finally:
@@ -173,6 +176,8 @@ class Pipeline(Generic[Out]):
         try:
             async for item in outputs:
                 await outbox.send(item)
+        except ChannelClosed:  # the pipeline is shutting down: stop quietly
+            return
         except Exception as error:
             raise StageError(f"{self.name}: stage {stage.name!r} failed: {error}") from error
         finally:
@@ -195,10 +200,12 @@ class Pipeline(Generic[Out]):
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            if isinstance(self._error, StageError):
-                raise self._error
-            raise StageError(f"{self.name}: {self._error}") from self._error
+        """Raise the failure once: whoever sees it first (outputs or aclose) reports it."""
+        error, self._error = self._error, None
+        if error is not None:
+            if isinstance(error, StageError):
+                raise error
+            raise StageError(f"{self.name}: {error}") from error
 
     async def aclose(self, *, drain: bool = True, timeout_s: float = 5.0) -> None:
         """Stop the pipeline. Idempotent.
@@ -210,7 +217,7 @@ class Pipeline(Generic[Out]):
             timeout_s: deadline for the drain; past it the pipeline is cancelled instead.
 
         Raises:
-            StageError: a stage had failed before or during the shutdown.
+            StageError: a stage had failed and :meth:`outputs` has not raised it yet.
         """
         if self._closed or self._runner_task is None:
             return

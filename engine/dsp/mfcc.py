@@ -21,7 +21,15 @@ from numba import njit
 
 from engine.core.errors import UsageError
 from engine.dsp.mel import SparseFilterbank, mel_filterbank
-from engine.dsp.stft import BLOCK_FRAMES, Framer, Samples, StftConfig, _fft_block, make_window
+from engine.dsp.stft import (
+    BLOCK_FRAMES,
+    Framer,
+    Samples,
+    Span,
+    StftConfig,
+    _fft_block,
+    make_window,
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def get_preset(preset: str | MfccPreset, sample_rate_hz: int | None = None) -> M
 
 
 def dct_matrix(n_inputs: int, n_outputs: int) -> npt.NDArray[np.float64]:
-    """Orthonormal DCT-II as a matrix: ``x @ dct_matrix(n, k)`` keeps the first ``k`` terms."""
+    """Orthonormal DCT-II as an ``(n_inputs, n_outputs)`` matrix: right-multiply to transform."""
     n = np.arange(n_inputs)[:, None]
     k = np.arange(n_outputs)[None, :]
     basis = np.cos(np.pi * k * (2 * n + 1) / (2 * n_inputs)) * np.sqrt(2.0 / n_inputs)
@@ -90,7 +98,7 @@ def lifter_weights(n_ceps: int, lifter: int) -> npt.NDArray[np.float64]:
 
 @njit(cache=True, nogil=True)
 def _mfcc_kernel(
-    buf: npt.NDArray[np.float64],
+    span: Span,
     n_frames: int,
     hop: int,
     window: npt.NDArray[np.float64],
@@ -112,7 +120,7 @@ def _mfcc_kernel(
     scale = 1.0 / n_fft
     for first in range(0, n_frames, BLOCK_FRAMES):
         count = min(BLOCK_FRAMES, n_frames - first)
-        spec = _fft_block(buf, first, count, hop, window, scratch)
+        spec = _fft_block(span, first, count, hop, window, scratch)
         for j in range(count):
             energy = 0.0
             for k in range(power.size):
@@ -187,11 +195,11 @@ class StreamingMfcc:
         """End the stream: return the zero-padded final frames, then reset."""
         return self._run(*self._framer.finish())
 
-    def _run(self, buf: npt.NDArray[np.float64], n_frames: int) -> npt.NDArray[np.float64]:
+    def _run(self, span: Span, n_frames: int) -> npt.NDArray[np.float64]:
         out = np.empty((n_frames, self.preset.n_ceps))
         if n_frames:
             _mfcc_kernel(
-                buf,
+                span,
                 n_frames,
                 self._framer.hop,
                 self._window,

@@ -14,22 +14,24 @@ Thread affinity: a streaming object is not thread-safe; the kernels release the 
 from __future__ import annotations
 
 import decimal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import rocket_fft
+import rocket_fft  # noqa: F401  (registers np.fft for @njit code)
 from numba import njit
 
 from engine.core.errors import UsageError
-
-rocket_fft.numpy_like()  # np.fft inside @njit follows numpy's signatures
 
 BLOCK_FRAMES = 32
 """Frames per FFT call inside the kernels: large enough to amortise the call, small for cache."""
 
 Samples = npt.NDArray[Any]
+Span = tuple[npt.NDArray[np.float64], float, float, int]
+"""What a kernel reads: raw samples, the raw sample before them, the pre-emphasis coefficient,
+and how many samples are real (the rest, up to the buffer's end, is end-of-stream padding)."""
 
 
 def round_half_up(value: float) -> int:
@@ -48,7 +50,7 @@ def make_window(name: str, length: int) -> npt.NDArray[np.float64]:
     Raises:
         UsageError: an unknown window name.
     """
-    makers = {
+    makers: dict[str, Callable[[int], npt.NDArray[np.float64]]] = {
         "hamming": np.hamming,
         "hann": np.hanning,
         "blackman": np.blackman,
@@ -105,25 +107,36 @@ class StftConfig:
 
 @njit(cache=True, nogil=True)
 def _fft_block(
-    buf: npt.NDArray[np.float64],
+    span: Span,
     first: int,
     count: int,
     hop: int,
     window: npt.NDArray[np.float64],
     scratch: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.complex128]:
-    """FFT of ``count`` windowed frames starting at frame ``first``; scratch is zero-padded."""
+    """FFT of ``count`` pre-emphasised, windowed frames from frame ``first`` of the span.
+
+    Pre-emphasis is applied here, on the fly, so the signal is never copied whole; samples at
+    or past ``valid`` are the zero padding of the stream's end (zero after pre-emphasis, as
+    python_speech_features pads). ``scratch`` rows are zero past the window.
+    """
+    buf, previous, coeff, valid = span
     win = window.size
     for j in range(count):
         offset = (first + j) * hop
         for k in range(win):
-            scratch[j, k] = buf[offset + k] * window[k]
+            index = offset + k
+            if index >= valid:
+                scratch[j, k] = 0.0
+                continue
+            before = buf[index - 1] if index > 0 else previous
+            scratch[j, k] = (buf[index] - coeff * before) * window[k]
     return np.fft.rfft(scratch[:count])
 
 
 @njit(cache=True, nogil=True)
 def _spectrum_kernel(
-    buf: npt.NDArray[np.float64],
+    span: Span,
     n_frames: int,
     hop: int,
     window: npt.NDArray[np.float64],
@@ -136,7 +149,7 @@ def _spectrum_kernel(
     scale = 1.0 / n_fft
     for first in range(0, n_frames, BLOCK_FRAMES):
         count = min(BLOCK_FRAMES, n_frames - first)
-        spec = _fft_block(buf, first, count, hop, window, scratch)
+        spec = _fft_block(span, first, count, hop, window, scratch)
         for j in range(count):
             for k in range(spec.shape[1]):
                 c = spec[j, k]
@@ -145,7 +158,7 @@ def _spectrum_kernel(
 
 
 class Framer:
-    """Pre-emphasis and overlap bookkeeping shared by every streaming front-end.
+    """Overlap and pre-emphasis state shared by every streaming front-end.
 
     It holds the samples that later frames still need and knows how many frames the whole stream
     will have once it ends (python_speech_features' rule: one frame for a signal no longer than
@@ -167,29 +180,33 @@ class Framer:
         self.samples_in = 0
         self.frames_out = 0
 
-    def push(self, samples: Samples) -> tuple[npt.NDArray[np.float64], int]:
-        """Take new samples; return the buffer that starts at the next frame and its frame count.
+    def push(self, samples: Samples) -> tuple[Span, int]:
+        """Take new samples; return the span that starts at the next frame and its frame count.
 
         Raises:
             UsageError: ``samples`` is not a 1-D array of numbers.
         """
-        emphasised = self._emphasise(_as_signal(samples))
-        self.samples_in += emphasised.size
-        buf = np.concatenate((self._pending, emphasised)) if self._pending.size else emphasised
+        signal = _as_signal(samples)
+        self.samples_in += signal.size
+        buf = np.concatenate((self._pending, signal)) if self._pending.size else signal
         ready = 0 if buf.size < self.win else (buf.size - self.win) // self.hop + 1
-        self._pending = buf[ready * self.hop :].copy()
+        span = (buf, self._previous, self.config.preemphasis, buf.size)
+        consumed = ready * self.hop
+        if consumed:
+            self._previous = float(buf[consumed - 1])
+        self._pending = buf[consumed:].copy()
         self.frames_out += ready
-        return buf, ready
+        return span, ready
 
-    def finish(self) -> tuple[npt.NDArray[np.float64], int]:
-        """End the stream: return the zero-padded buffer of the frames still owed, then reset."""
-        total = self.total_frames(self.samples_in)
-        owed = total - self.frames_out
+    def finish(self) -> tuple[Span, int]:
+        """End the stream: return the span of the frames still owed (zero-padded), then reset."""
+        owed = self.total_frames(self.samples_in) - self.frames_out
         needed = (owed - 1) * self.hop + self.win if owed > 0 else 0
         buf = np.zeros(max(needed, self._pending.size))
         buf[: self._pending.size] = self._pending
+        span = (buf, self._previous, self.config.preemphasis, self._pending.size)
         self.reset()
-        return buf, owed
+        return span, owed
 
     def total_frames(self, n_samples: int) -> int:
         """Frames of a whole stream of ``n_samples`` (0 for an empty stream)."""
@@ -198,16 +215,6 @@ class Framer:
         if n_samples <= self.win:
             return 1
         return 1 + -(-(n_samples - self.win) // self.hop)
-
-    def _emphasise(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        coeff = self.config.preemphasis
-        if x.size == 0 or coeff == 0.0:
-            return x
-        y = np.empty_like(x)
-        y[0] = x[0] - coeff * self._previous
-        y[1:] = x[1:] - coeff * x[:-1]
-        self._previous = float(x[-1])
-        return y
 
 
 def _as_signal(samples: Samples) -> npt.NDArray[np.float64]:
@@ -250,11 +257,11 @@ class StreamingStft:
         """End the stream: return the zero-padded final frames, then start afresh."""
         return self._run(*self._framer.finish())
 
-    def _run(self, buf: npt.NDArray[np.float64], n_frames: int) -> npt.NDArray[np.float64]:
+    def _run(self, span: Span, n_frames: int) -> npt.NDArray[np.float64]:
         out = np.empty((n_frames, self.config.n_bins))
         if n_frames:
             _spectrum_kernel(
-                buf, n_frames, self._framer.hop, self._window, self.config.n_fft, self.power, out
+                span, n_frames, self._framer.hop, self._window, self.config.n_fft, self.power, out
             )
         return out
 

@@ -279,47 +279,56 @@ class MediaSource:
         """Open, decode to the end, then loop, reconnect or stop as the source asks."""
         base_ns, attempt, end_ns = 0, 0, 0
         while not self._stopping.is_set():
+            outage_start = time.monotonic_ns()
             try:
-                demuxer = Demuxer(spec, self.stream_id)
-            except SourceUnavailable as error:
-                if not error.retryable or self.reconnect is None:
+                end_ns = max(end_ns, self._one_pass(spec, opened, audio, video, base_ns, attempt))
+                attempt, reason = 0, "the stream ended"
+            except MissingStream:
+                raise
+            except EngineError as error:
+                # Retry what may pass (unreachable, timed out) and any failure of a stream that
+                # was already playing; fail at once on a first open that can never work (404).
+                if self.reconnect is None or not (error.retryable or opened.done()):
                     raise
-                attempt = self._backoff(attempt, str(error))
-                continue
-            try:
-                self._check_streams(demuxer)
-                self.stats.demux.append(demuxer.stats)
-                if not opened.done():
-                    opened.set_result(None)
-                elif attempt:
-                    self._notify(SourceState.STARTED, "reconnected", attempt)
-                outage_start = time.monotonic_ns()
-                delivered = False
-                for frame in demuxer.frames(
-                    audio if demuxer.has_audio else None,
-                    video if demuxer.has_video else None,
-                    base_ns,
-                ):
-                    self._deliver(frame)
-                    end_ns = max(end_ns, frame.end_pts_ns if frame.duration_ns else frame.pts_ns)
-                    delivered = True
-                if delivered:
-                    attempt = 0
-            except (SourceUnavailable, EngineError) as error:
-                if self.reconnect is None or isinstance(error, MissingStream):
-                    raise
-                attempt = self._backoff(attempt, str(error))
-                outage_start = time.monotonic_ns()
-            finally:
-                demuxer.close()
-            if self.loop:
-                base_ns = end_ns + (video.frame_ns if video else 0)
+                reason = str(error)
+            if self.loop:  # the next pass starts where this one ended, on the video grid
+                last_slot = video.last_slot_ns if video else None
+                base_ns = end_ns if last_slot is None else last_slot + video.frame_ns  # type: ignore[union-attr]
                 continue
             if self.reconnect is None:
                 return
-            if attempt == 0:
-                attempt = self._backoff(attempt, "the stream ended")
-            base_ns = end_ns + time.monotonic_ns() - outage_start
+            attempt = self._backoff(attempt, reason)
+            base_ns = max(base_ns, end_ns + time.monotonic_ns() - outage_start)
+
+    def _one_pass(
+        self,
+        spec: OpenSpec,
+        opened: concurrent.futures.Future[None],
+        audio: AudioNormalizer | None,
+        video: VideoGrid | None,
+        base_ns: int,
+        attempt: int,
+    ) -> int:
+        """Open the container once and deliver its frames; return the end timestamp reached."""
+        demuxer = Demuxer(spec, self.stream_id)
+        end_ns = base_ns
+        try:
+            self._check_streams(demuxer)
+            self.stats.demux.append(demuxer.stats)
+            if not opened.done():
+                opened.set_result(None)
+            elif attempt:
+                self._notify(SourceState.STARTED, "reconnected", attempt)
+            for frame in demuxer.frames(
+                audio if demuxer.has_audio else None,
+                video if demuxer.has_video else None,
+                base_ns,
+            ):
+                self._deliver(frame)
+                end_ns = max(end_ns, frame.end_pts_ns)
+        finally:
+            demuxer.close()
+        return end_ns
 
     def _check_streams(self, demuxer: Demuxer) -> None:
         if len(self.specs) != 1:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import av
 import av.container
 import numpy as np
+import numpy.typing as npt
 
 from engine.core.errors import CorruptMedia, EngineError, MissingStream, SourceUnavailable
 from engine.core.frame import Frame
@@ -125,6 +126,8 @@ class Demuxer:
                 try:
                     decoded = packet.decode()
                     consecutive = 0
+                except av.error.EOFError:  # the decoder was already flushed: nothing more
+                    continue
                 except av.error.InvalidDataError:
                     self.stats.decode_errors += 1
                     consecutive += 1
@@ -134,7 +137,8 @@ class Demuxer:
                         ) from None
                     continue
                 for item in decoded:
-                    yield from self._normalise(item, audio, video, base_ns)
+                    if isinstance(item, av.AudioFrame | av.VideoFrame):
+                        yield from self._normalise(item, audio, video, base_ns)
         except av.error.FFmpegError as error:
             raise _translate(error, self.spec.label, reading=True) from None
         if audio is not None:
@@ -158,7 +162,7 @@ class Demuxer:
             self.stats.video_frames += 1
             if rel_ns is None:
                 rel_ns = self.stats.video_frames * video.frame_ns
-            rgb = np.ascontiguousarray(item.to_ndarray(format="rgb24"))
+            rgb: npt.NDArray[np.uint8] = np.ascontiguousarray(item.to_ndarray(format="rgb24"))
             yield from video.push(rgb, rel_ns + base_ns)
 
 
@@ -169,7 +173,8 @@ def _first(
     if not streams:
         return None
     stream = streams[0]
-    stream.thread_type = "AUTO"
+    if isinstance(stream, av.video.stream.VideoStream):
+        stream.thread_type = "AUTO"  # frame threads: decoding large video is the costly part
     return stream
 
 
@@ -205,7 +210,9 @@ def _translate(error: Exception, label: str, *, reading: bool) -> EngineError:
     code = getattr(error, "errno", None)
     if isinstance(error, av.error.InvalidDataError):
         return CorruptMedia(f"{label}: not decodable media ({reason})")
-    if isinstance(error, av.error.ExitError | av.error.EOFError):
+    if isinstance(error, av.error.ExitError):  # PyAV's open/read timeout interrupted FFmpeg
+        return SourceUnavailable(f"{label}: timed out while {what}")
+    if isinstance(error, av.error.EOFError):
         return CorruptMedia(f"{label}: the media ends abruptly while {what} ({reason})")
     if code in _UNAVAILABLE_ERRNOS or isinstance(error, TimeoutError):
         return SourceUnavailable(f"{label}: unreachable while {what} ({reason})")

@@ -205,13 +205,15 @@ def _device_spec(text: str, *, want_video: bool) -> OpenSpec:
 
 
 def _network_options(scheme: str) -> dict[str, str]:
+    # Probe for one second, not FFmpeg's default five: a live stream should start fast.
+    options = {"analyzeduration": "1000000", "probesize": "1000000"}
     if scheme in {"rtsp", "rtsps"}:
-        return {"rtsp_transport": "tcp"}
-    if scheme == "udp":
-        return {"overrun_nonfatal": "1", "fifo_size": "1000000"}
-    if scheme in {"http", "https"}:
-        return {"reconnect": "1", "reconnect_streamed": "1"}
-    return {}
+        options["rtsp_transport"] = "tcp"
+    elif scheme == "udp":
+        options.update(overrun_nonfatal="1", fifo_size="1000000")
+    elif scheme in {"http", "https"}:
+        options.update(reconnect="1", reconnect_streamed="1")
+    return options
 
 
 def redact(url: str) -> str:

@@ -7,7 +7,8 @@ Both classes are synchronous and hold no threads; a demuxer thread drives them.
   jitters; a jump in the input timestamps larger than ``resync_ns`` re-anchors (live streams).
 - :class:`VideoGrid` picks, for every slot of a 25 fps grid, the decoded picture whose timestamp
   is nearest (duplicating or dropping pictures as the input rate requires) and keeps the picture's
-  real timestamp as ``meta["src_pts_ns"]``.
+  real timestamp as ``meta["src_pts_ns"]``. A hole of more than ``max_hold_ns`` between pictures
+  (an outage) is left empty rather than filled with a stale picture.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class NormalizerStats:
     video_in: int = 0
     video_out: int = 0
     video_late: int = 0
+    video_gaps: int = 0
 
 
 class AudioNormalizer:
@@ -53,7 +55,7 @@ class AudioNormalizer:
         self.rate_hz = rate_hz
         self.resync_ns = resync_ns
         self.stats = NormalizerStats()
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate_hz)
+        self._resampler = self._new_resampler()
         self._anchor_ns: int | None = None
         self._samples = 0
         self._seq = 0
@@ -88,7 +90,12 @@ class AudioNormalizer:
             if samples.size == 0:
                 continue
             out.append(self._stamp(samples))
+        if frame is None:  # a flushed resampler cannot be reused (next loop or reconnect)
+            self._resampler = self._new_resampler()
         return out
+
+    def _new_resampler(self) -> av.AudioResampler:
+        return av.AudioResampler(format="s16", layout="mono", rate=self.rate_hz)
 
     def _stamp(self, samples: npt.NDArray[np.int16]) -> Frame:
         anchor = self._anchor_ns if self._anchor_ns is not None else 0
@@ -112,15 +119,20 @@ class VideoGrid:
     picture whose timestamp is nearest to it.
     """
 
-    def __init__(self, stream_id: str, *, fps: int = TARGET_FPS) -> None:
-        """Start with no picture held."""
+    def __init__(
+        self, stream_id: str, *, fps: int = TARGET_FPS, max_hold_ns: int = NS_PER_S // 2
+    ) -> None:
+        """Start with no picture held; a picture is repeated over at most ``max_hold_ns``."""
         self.stream_id = stream_id
+        self.max_hold_ns = max_hold_ns
         self.frame_ns = NS_PER_S // fps
         self.stats = NormalizerStats()
         self._held: tuple[int, npt.NDArray[np.uint8]] | None = None
         self._last_interval_ns = self.frame_ns
         self._next_slot: int | None = None
         self._seq = 0
+        self.last_slot_ns: int | None = None
+        """Timestamp of the last slot emitted, for continuing the grid after a loop."""
 
     def push(self, rgb: npt.NDArray[np.uint8], pts_ns: int) -> list[Frame]:
         """Add one decoded picture with its timestamp (ns, base offset included)."""
@@ -133,6 +145,10 @@ class VideoGrid:
         if pts_ns <= held_pts:
             self.stats.video_late += 1
             return []
+        if pts_ns - held_pts > self.max_hold_ns:  # a gap (outage, reconnect): don't fill it
+            self.stats.video_gaps += 1
+            out = self.finish()
+            return out + self.push(rgb, pts_ns)
         self._last_interval_ns = pts_ns - held_pts
         out = self._emit_until((held_pts + pts_ns) // 2)
         self._held = (pts_ns, rgb)
@@ -167,5 +183,7 @@ class VideoGrid:
             )
             self._seq += 1
             self._next_slot += 1
+        if out:
+            self.last_slot_ns = out[-1].pts_ns
         self.stats.video_out += len(out)
         return out

@@ -1,0 +1,140 @@
+"""Shared fixtures: paths to the real clips in ../shared, media built from them, task hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+from collections.abc import AsyncIterator, Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from engine.core.frame import Frame, FrameKind
+from engine.sources import open_source
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+AV = DATA / "av"
+
+# Scale every timeout in the tests (slow or loaded machines): TALKSCOPE_TEST_TIME_FACTOR=3.
+TIME_FACTOR = float(os.environ.get("TALKSCOPE_TEST_TIME_FACTOR", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A timeout scaled by the machine factor."""
+    return seconds * TIME_FACTOR
+
+
+def clip(relative: str) -> Path:
+    """A clip of ../shared/data/av; skips the test when the shared data is not beside the repo."""
+    path = AV / relative
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path}")
+    return path
+
+
+def clips_of_split(split: str) -> list[Path]:
+    """Every clip of one split of clips.csv."""
+    index = DATA / "clips.csv"
+    if not index.exists():
+        return []
+    with index.open(newline="") as handle:
+        return [DATA / row["path"] for row in csv.DictReader(handle) if row["split"] == split]
+
+
+async def collect(uri: str | Path, **options: object) -> list[Frame]:
+    """Every frame a source yields."""
+    async with open_source(str(uri), **options) as source:  # type: ignore[arg-type]
+        return [frame async for frame in source]
+
+
+def audio_of(frames: list[Frame]) -> np.ndarray:
+    """The concatenated int16 samples of the audio frames."""
+    parts = [f.data for f in frames if f.kind is FrameKind.AUDIO]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+
+def write_clip(
+    path: Path,
+    *,
+    seconds: float = 2.0,
+    fps: int | Fraction = 25,
+    size: tuple[int, int] = (160, 120),
+    audio: bool = True,
+    video: bool = True,
+    sample_rate: int = 16000,
+    container: str | None = None,
+) -> Path:
+    """Encode a small synthetic clip (moving gradient, 440 Hz tone) with PyAV."""
+    with av.open(str(path), "w", format=container) as out:
+        vstream = astream = None
+        if video:
+            vstream = out.add_stream("libx264", rate=fps)
+            vstream.width, vstream.height = size
+            vstream.pix_fmt = "yuv420p"
+            vstream.options = {"g": "10"}
+        if audio:
+            astream = out.add_stream("aac", rate=sample_rate)
+            astream.layout = "mono"
+        if vstream is not None:
+            n_frames = int(round(seconds * float(fps)))
+            for index in range(n_frames):
+                rgb = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+                rgb[..., 0] = (np.arange(size[0]) + index * 4) % 256
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                for packet in vstream.encode(frame):
+                    out.mux(packet)
+            for packet in vstream.encode(None):
+                out.mux(packet)
+        if astream is not None:
+            t = np.arange(int(seconds * sample_rate)) / sample_rate
+            tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+            for start in range(0, tone.size, 1024):
+                chunk = tone[start : start + 1024].reshape(1, -1)
+                frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+                frame.sample_rate = sample_rate
+                for packet in astream.encode(frame):
+                    out.mux(packet)
+            for packet in astream.encode(None):
+                out.mux(packet)
+    return path
+
+
+@pytest.fixture
+def demo() -> Path:
+    """The embedded demo clip (ships in the package)."""
+    from engine.assets import demo_clip
+
+    return demo_clip()
+
+
+@pytest.fixture
+def speech() -> Path:
+    """A real single-speaker clip of 60 s (train split)."""
+    return clip("edtalk/pose_source2.mp4")
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def fail_on_leaked_tasks() -> AsyncIterator[None]:
+    """Fail an async test that leaves tasks running behind it."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    leaked = [
+        t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
+    ]
+    for task in leaked:
+        task.cancel()
+    assert not leaked, f"tasks leaked: {[t.get_name() for t in leaked]}"
+
+
+@pytest.fixture
+def tmp_media(tmp_path: Path) -> Iterator[Path]:
+    """A temp dir for media the test builds."""
+    yield tmp_path
