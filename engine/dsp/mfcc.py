@@ -23,8 +23,8 @@ from engine.core.errors import UsageError
 from engine.dsp.mel import SparseFilterbank, mel_filterbank
 from engine.dsp.stft import (
     BLOCK_FRAMES,
+    FramedStream,
     Framer,
-    Samples,
     Span,
     StftConfig,
     _fft_block,
@@ -143,7 +143,7 @@ def _mfcc_kernel(
                 out[row, 0] = np.log(energy if energy != 0.0 else eps)
 
 
-class StreamingMfcc:
+class StreamingMfcc(FramedStream):
     """Chunk-invariant streaming MFCC: push audio of any chunk size, get completed frames.
 
     ``push(a); push(b); flush()`` returns, concatenated, the same array as ``mfcc(a + b)``.
@@ -168,32 +168,6 @@ class StreamingMfcc:
         self._bank = SparseFilterbank.from_dense(dense)
         self._dct = dct_matrix(self.preset.n_filters, self.preset.n_ceps)
         self._lift = lifter_weights(self.preset.n_ceps, self.preset.lifter)
-
-    @property
-    def frames_out(self) -> int:
-        """Frames emitted since the stream started."""
-        return self._framer.frames_out
-
-    @property
-    def hop_length(self) -> int:
-        """Samples between frame starts."""
-        return self._framer.hop
-
-    def reset(self) -> None:
-        """Drop all state; the next push starts a new stream."""
-        self._framer.reset()
-
-    def push(self, samples: Samples) -> npt.NDArray[np.float64]:
-        """Add samples; return the MFCC frames they completed, ``(frames, n_ceps)`` float64.
-
-        Raises:
-            UsageError: ``samples`` is not a 1-D numeric array.
-        """
-        return self._run(*self._framer.push(samples))
-
-    def flush(self) -> npt.NDArray[np.float64]:
-        """End the stream: return the zero-padded final frames, then reset."""
-        return self._run(*self._framer.finish())
 
     def _run(self, span: Span, n_frames: int) -> npt.NDArray[np.float64]:
         out = np.empty((n_frames, self.preset.n_ceps))

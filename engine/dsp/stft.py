@@ -228,7 +228,46 @@ def _as_signal(samples: Samples) -> npt.NDArray[np.float64]:
     return array.astype(np.float64, copy=False)
 
 
-class StreamingStft:
+class FramedStream:
+    """What every streaming front-end shares: push chunks, get the frames they complete.
+
+    Subclasses set ``_framer`` and ``_window`` and implement ``_run``, the kernel call.
+    """
+
+    _framer: Framer
+    _window: npt.NDArray[np.float64]
+
+    @property
+    def frames_out(self) -> int:
+        """Frames emitted since the stream started."""
+        return self._framer.frames_out
+
+    @property
+    def hop_length(self) -> int:
+        """Samples between frame starts."""
+        return self._framer.hop
+
+    def reset(self) -> None:
+        """Drop all state; the next push starts a new stream."""
+        self._framer.reset()
+
+    def push(self, samples: Samples) -> npt.NDArray[np.float64]:
+        """Add samples; return the frames they completed, ``(frames, features)`` float64.
+
+        Raises:
+            UsageError: ``samples`` is not a 1-D numeric array.
+        """
+        return self._run(*self._framer.push(samples))
+
+    def flush(self) -> npt.NDArray[np.float64]:
+        """End the stream: return the zero-padded final frames, then start afresh."""
+        return self._run(*self._framer.finish())
+
+    def _run(self, span: Span, n_frames: int) -> npt.NDArray[np.float64]:
+        raise NotImplementedError
+
+
+class StreamingStft(FramedStream):
     """Sliding STFT with state: push chunks of any size, get every completed frame.
 
     Args:
@@ -243,19 +282,6 @@ class StreamingStft:
         self.power = power
         self._framer = Framer(self.config)
         self._window = make_window(self.config.window, self.config.win_length)
-
-    @property
-    def frames_out(self) -> int:
-        """Frames emitted since the stream started."""
-        return self._framer.frames_out
-
-    def push(self, samples: Samples) -> npt.NDArray[np.float64]:
-        """Add samples; return the frames they completed, ``(frames, n_bins)`` float64."""
-        return self._run(*self._framer.push(samples))
-
-    def flush(self) -> npt.NDArray[np.float64]:
-        """End the stream: return the zero-padded final frames, then start afresh."""
-        return self._run(*self._framer.finish())
 
     def _run(self, span: Span, n_frames: int) -> npt.NDArray[np.float64]:
         out = np.empty((n_frames, self.config.n_bins))
