@@ -292,8 +292,9 @@ class MediaSource:
                     raise
                 reason = str(error)
             if self.loop:  # the next pass starts where this one ended, on the video grid
-                last_slot = video.last_slot_ns if video else None
-                base_ns = end_ns if last_slot is None else last_slot + video.frame_ns  # type: ignore[union-attr]
+                base_ns = end_ns
+                if video is not None and video.last_slot_ns is not None:
+                    base_ns = video.last_slot_ns + video.frame_ns
                 continue
             if self.reconnect is None:
                 return
