@@ -104,6 +104,15 @@ class SourceStats:
     demux: list[DemuxStats] = field(default_factory=list)
 
 
+@dataclass
+class _Reached:
+    """How far one decode thread's timeline got, kept even when a pass fails midway."""
+
+    end_ns: int = 0
+    wall_ns: int = 0
+    """``time.monotonic_ns()`` when the last frame was delivered."""
+
+
 class MediaSource:
     """A source backed by one or more PyAV containers, each demuxed in its own thread.
 
@@ -277,11 +286,11 @@ class MediaSource:
         video: VideoGrid | None,
     ) -> None:
         """Open, decode to the end, then loop, reconnect or stop as the source asks."""
-        base_ns, attempt, end_ns = 0, 0, 0
+        base_ns, attempt = 0, 0
+        reached = _Reached()
         while not self._stopping.is_set():
-            outage_start = time.monotonic_ns()
             try:
-                end_ns = max(end_ns, self._one_pass(spec, opened, audio, video, base_ns, attempt))
+                self._one_pass(spec, opened, audio, video, base_ns, attempt, reached)
                 attempt, reason = 0, "the stream ended"
             except MissingStream:
                 raise
@@ -292,14 +301,13 @@ class MediaSource:
                     raise
                 reason = str(error)
             if self.loop:  # the next pass starts where this one ended, on the video grid
-                base_ns = end_ns
+                base_ns = reached.end_ns
                 if video is not None and video.last_slot_ns is not None:
                     base_ns = video.last_slot_ns + video.frame_ns
                 continue
             if self.reconnect is None:
                 return
             attempt = self._backoff(attempt, reason)
-            base_ns = max(base_ns, end_ns + time.monotonic_ns() - outage_start)
 
     def _one_pass(
         self,
@@ -309,10 +317,17 @@ class MediaSource:
         video: VideoGrid | None,
         base_ns: int,
         attempt: int,
-    ) -> int:
-        """Open the container once and deliver its frames; return the end timestamp reached."""
+        reached: _Reached,
+    ) -> None:
+        """Open the container once and deliver its frames, recording in ``reached`` how far.
+
+        After a reconnect the new connection's clock starts afresh, so its timeline is placed
+        after the last frame delivered plus the wall time the outage lasted (until it reopened).
+        """
         demuxer = Demuxer(spec, self.stream_id)
-        end_ns = base_ns
+        if attempt and reached.wall_ns:
+            outage_ns = time.monotonic_ns() - reached.wall_ns
+            base_ns = max(base_ns, reached.end_ns + outage_ns)
         try:
             self._check_streams(demuxer)
             self.stats.demux.append(demuxer.stats)
@@ -326,10 +341,10 @@ class MediaSource:
                 base_ns,
             ):
                 self._deliver(frame)
-                end_ns = max(end_ns, frame.end_pts_ns)
+                reached.end_ns = max(reached.end_ns, frame.end_pts_ns)
+                reached.wall_ns = time.monotonic_ns()
         finally:
             demuxer.close()
-        return end_ns
 
     def _check_streams(self, demuxer: Demuxer) -> None:
         if len(self.specs) != 1:
