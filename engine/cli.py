@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import __version__
@@ -19,6 +20,7 @@ from engine.core.errors import EngineError, InputError, SourceUnavailable, Usage
 from engine.dsp.mfcc import PRESETS
 
 if TYPE_CHECKING:
+    from pipelines.faces import FacesReport
     from pipelines.inspect import InspectReport
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -54,6 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--seconds", type=float, default=None, help="stop each source after this much media time"
     )
+
+    faces = commands.add_parser(
+        "faces",
+        help="find and track the faces of video files and summarise each track",
+        description=(
+            "Track every face of each source (detection every k frames, landmark tracking in "
+            "between) and print, per track, its first and last frame on the 25 fps grid, the "
+            "frames it covers and its median box [x0, y0, x1, y1] in source pixels."
+        ),
+    )
+    faces.add_argument("sources", nargs="+", metavar="PATH", help="file, URL or device:")
+    faces.add_argument("--json", action="store_true", help="one JSON object per source")
+    faces.add_argument(
+        "--preview", type=Path, metavar="OUT.mp4", help="write boxes, ids and lips over the video"
+    )
+    faces.add_argument("--max-faces", type=int, default=8, help="most faces tracked at once")
+    faces.add_argument(
+        "--seconds", type=float, default=None, help="stop each source after this much video"
+    )
     return parser
 
 
@@ -76,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if args.command == "inspect":
             return asyncio.run(_inspect(args))
+        if args.command == "faces":
+            return asyncio.run(_faces(args))
         raise UsageError(f"unknown command {args.command!r}")
     except KeyboardInterrupt:
         print("talkscope: interrupted", file=sys.stderr)
@@ -142,4 +165,55 @@ def _describe(report: InspectReport) -> str:
         f"  mfcc    {data['mfcc_frames']} frames x 13 ({data['mfcc_preset']} preset)",
         f"  decoded in {data['seconds']:.2f} s ({data['realtime_factor']}x real time)",
     ]
+    return "\n".join(lines)
+
+
+async def _faces(args: argparse.Namespace) -> int:
+    from engine.vision.stage import FaceConfig
+    from engine.vision.tracker import TrackerConfig
+    from pipelines.faces import analyse_faces
+
+    if args.max_faces < 1:
+        raise UsageError("--max-faces must be at least 1")
+    if args.preview is not None and len(args.sources) > 1:
+        raise UsageError("--preview takes one source")
+    config = FaceConfig(tracker=TrackerConfig(max_faces=args.max_faces))
+    worst = EXIT_OK
+    for uri in args.sources:
+        try:
+            report = await analyse_faces(
+                uri, config=config, preview=args.preview, max_seconds=args.seconds
+            )
+        except EngineError as error:
+            worst = max(worst, exit_code(error))
+            if args.json:
+                print(json.dumps({"file": uri, "error": str(error)}), flush=True)
+            _report(error, args.debug, quiet=args.json)
+            continue
+        if args.json:
+            print(json.dumps({"file": uri, **report.to_json()}), flush=True)
+        else:
+            print(_describe_faces(report), flush=True)
+    return worst
+
+
+def _describe_faces(report: FacesReport) -> str:
+    size = "x".join(str(v) for v in report.video_size) or "-"
+    lines = [
+        f"{report.source}",
+        f"  {report.video_frames} frames at 25 fps, {size}, "
+        f"{len(report.tracks)} track(s), {report.ms_per_frame} ms/frame",
+    ]
+    if not report.tracks:
+        lines.append("  no face found")
+    for track in report.tracks:
+        share = track.frames / report.video_frames if report.video_frames else 0.0
+        box = ", ".join(f"{v:.0f}" for v in track.box)
+        lines.append(
+            f"  track {track.track_id}: frames {track.first_frame}-{track.last_frame} "
+            f"({track.frames} frames, {share:.0%}), {track.first_s:.2f}-{track.last_s:.2f} s, "
+            f"median box [{box}]"
+        )
+    if report.preview:
+        lines.append(f"  preview written to {report.preview}")
     return "\n".join(lines)

@@ -138,3 +138,61 @@ async def fail_on_leaked_tasks() -> AsyncIterator[None]:
 def tmp_media(tmp_path: Path) -> Iterator[Path]:
     """A temp dir for media the test builds."""
     yield tmp_path
+
+
+def decode_rgb(path: Path, *, limit: int | None = None) -> list[np.ndarray]:
+    """The pictures of a real clip as RGB arrays (at most ``limit``), at their own rate."""
+    pictures: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            pictures.append(frame.to_ndarray(format="rgb24"))
+            if limit is not None and len(pictures) >= limit:
+                break
+    return pictures
+
+
+def encode_rgb(
+    path: Path,
+    pictures: list[np.ndarray],
+    *,
+    fps: int | Fraction = 25,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+) -> Path:
+    """Encode RGB pictures (even sizes) and optional int16 mono audio into a clip with PyAV."""
+    with av.open(str(path), "w") as out:
+        vstream = out.add_stream("libx264", rate=fps)
+        vstream.height, vstream.width = pictures[0].shape[:2]
+        vstream.pix_fmt = "yuv420p"
+        astream = None
+        if audio is not None:
+            astream = out.add_stream("aac", rate=sample_rate)
+            astream.layout = "mono"
+        for rgb in pictures:
+            for packet in vstream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in vstream.encode(None):
+            out.mux(packet)
+        if astream is not None and audio is not None:
+            for start in range(0, audio.size, 1024):
+                chunk = np.ascontiguousarray(audio[start : start + 1024].reshape(1, -1))
+                frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+                frame.sample_rate = sample_rate
+                for packet in astream.encode(frame):
+                    out.mux(packet)
+            for packet in astream.encode(None):
+                out.mux(packet)
+    return path
+
+
+def single_face_clips() -> list[Path]:
+    """Every clip of clips.csv that shows one visible face (the ``faces`` column)."""
+    index = DATA / "clips.csv"
+    if not index.exists():
+        return []
+    with index.open(newline="") as handle:
+        return [
+            DATA / row["path"]
+            for row in csv.DictReader(handle)
+            if row["faces"].startswith("single")
+        ]

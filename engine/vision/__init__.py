@@ -1,0 +1,1 @@
+"""Faces: detection, landmark tracking and per-track crops."""
