@@ -12,11 +12,14 @@ person can act on.
     │   ├── MediaNotFound            the path does not exist or is not a file
     │   ├── CorruptMedia             the container or a stream cannot be decoded
     │   ├── MissingStream            the media lacks the audio or video the job needs
-    │   └── UnsupportedSource        a URL scheme or device format this build cannot open
+    │   ├── UnsupportedSource        a URL scheme or device format this build cannot open
+    │   └── WeightsError             a model weights file is unreadable or does not fit the model
     ├── SourceUnavailable            a live source cannot be reached now (retryable=True)
     ├── ChannelClosed                send or recv on a closed channel
     ├── ConcurrencyError             two consumers called recv() on one channel at once
-    └── StageError                   a pipeline stage failed; the cause is chained
+    ├── StageError                   a pipeline stage failed; the cause is chained
+    └── Overloaded                   a bounded queue is full and the caller chose not to wait
+                                     (retryable=True)
 """
 
 from __future__ import annotations
@@ -84,3 +87,17 @@ class ConcurrencyError(EngineError):
 
 class StageError(EngineError):
     """A stage of a pipeline raised; the original exception is the ``__cause__``."""
+
+
+class WeightsError(InputError):
+    """A model weights file cannot be read, or its keys, shapes or hash do not fit the model."""
+
+
+class Overloaded(EngineError):
+    """A bounded queue is full and the caller asked to be refused rather than wait.
+
+    Live code catches it to drop the item (a video frame, say) instead of adding latency; the
+    same call may succeed once the queue has drained.
+    """
+
+    retryable = True
