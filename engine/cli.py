@@ -11,19 +11,31 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO
 
 from engine import __version__
 from engine.core.errors import EngineError, InputError, SourceUnavailable, UsageError
 from engine.dsp.mfcc import PRESETS
 
 if TYPE_CHECKING:
+    from engine.models.spec import ModelSpec, TensorSpec
+    from engine.vision.stage import FaceConfig
     from pipelines.faces import FacesReport
     from pipelines.inspect import InspectReport
+    from pipelines.sync import FileSyncReport, SyncProgress, SyncRunner
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+MEDIA_SUFFIXES = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".ts", ".mts"}
+    | {".wmv", ".3gp", ".ogv"}
+)
+"""What ``talkscope sync FOLDER`` takes from a folder (case-insensitive)."""
+
+SYNC_MODELS = ("syncnet-lite", "syncnet-v2")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +87,51 @@ def build_parser() -> argparse.ArgumentParser:
     faces.add_argument(
         "--seconds", type=float, default=None, help="stop each source after this much video"
     )
+
+    sync = commands.add_parser(
+        "sync",
+        help="estimate the audio-video offset of every face track of video files",
+        description=(
+            "Decode each file once, pair every 5-frame window of every face track with its 20 "
+            "MFCC steps, embed them with a SyncNet model (the windows of all files share "
+            "batches) and print, per track, the offset (positive = audio leads), LSE-C "
+            "confidence, LSE-D min distance, windows used and median box. A folder stands for "
+            "the media files in it. Needs trained weights: see `talkscope models`."
+        ),
+    )
+    sync.add_argument("paths", nargs="+", metavar="PATH", help="file, URL or folder of files")
+    sync.add_argument("--json", action="store_true", help="one JSON object per file")
+    sync.add_argument("--model", choices=SYNC_MODELS, default="syncnet-lite")
+    sync.add_argument(
+        "--weights",
+        type=Path,
+        metavar="FILE",
+        help="torch state dict, or a folder with video.onnx and audio.onnx",
+    )
+    sync.add_argument("--jobs", type=int, default=1, help="files decoded at once (default 1)")
+    sync.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    sync.add_argument(
+        "--providers",
+        default="cpu",
+        metavar="LIST",
+        help="execution providers, most preferred first: cpu, cuda, tensorrt (comma-separated)",
+    )
+    sync.add_argument(
+        "--progress", action="store_true", help="progress on stderr even when it is no terminal"
+    )
+    sync.add_argument(
+        "--seconds", type=float, default=None, help="stop each file after this much video"
+    )
+
+    models = commands.add_parser(
+        "models",
+        help="list the sync models, their inputs and where their weights are looked for",
+        description=(
+            "For each sync model: its inputs and embedding size, whether trained weights are "
+            "installed, where they are looked for and how to get them. Nothing is downloaded."
+        ),
+    )
+    models.add_argument("--json", action="store_true", help="one JSON object per model")
     return parser
 
 
@@ -98,7 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return asyncio.run(_inspect(args))
         if args.command == "faces":
-            return asyncio.run(_faces(args))
+            return _faces(args)
+        if args.command == "sync":
+            return _sync(args)
+        if args.command == "models":
+            return _models(args)
         raise UsageError(f"unknown command {args.command!r}")
     except KeyboardInterrupt:
         print("talkscope: interrupted", file=sys.stderr)
@@ -168,7 +229,8 @@ def _describe(report: InspectReport) -> str:
     return "\n".join(lines)
 
 
-async def _faces(args: argparse.Namespace) -> int:
+def _faces(args: argparse.Namespace) -> int:
+    # Heavy imports (OpenCV, LiteRT) happen here, before the event loop starts, not inside it.
     from engine.vision.stage import FaceConfig
     from engine.vision.tracker import TrackerConfig
     from pipelines.faces import analyse_faces
@@ -178,6 +240,14 @@ async def _faces(args: argparse.Namespace) -> int:
     if args.preview is not None and len(args.sources) > 1:
         raise UsageError("--preview takes one source")
     config = FaceConfig(tracker=TrackerConfig(max_faces=args.max_faces))
+    return asyncio.run(_faces_all(args, config, analyse_faces))
+
+
+async def _faces_all(
+    args: argparse.Namespace,
+    config: FaceConfig,
+    analyse_faces: Callable[..., Awaitable[FacesReport]],
+) -> int:
     worst = EXIT_OK
     for uri in args.sources:
         try:
@@ -216,4 +286,226 @@ def _describe_faces(report: FacesReport) -> str:
         )
     if report.preview:
         lines.append(f"  preview written to {report.preview}")
+    return "\n".join(lines)
+
+
+def expand_media_paths(paths: Sequence[str]) -> list[str]:
+    """Each path as given, except that a folder stands for its media files, sorted by name.
+
+    Only the folder itself is read (not its sub-folders); files are taken by suffix
+    (:data:`MEDIA_SUFFIXES`). Paths that are not folders are kept as they are (files, URLs).
+
+    Raises:
+        UsageError: a folder holds no media file.
+    """
+    files: list[str] = []
+    for text in paths:
+        folder = Path(text)
+        if not folder.is_dir():
+            files.append(text)
+            continue
+        media = sorted(
+            str(child)
+            for child in folder.iterdir()
+            if child.is_file() and child.suffix.lower() in MEDIA_SUFFIXES
+        )
+        if not media:
+            raise UsageError(f"{text}: no media files in this folder")
+        files.extend(media)
+    return files
+
+
+class _ProgressBar:
+    """One self-rewriting line on stderr: files and windows done. Drawn at most every 0.1 s."""
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None, interval_s: float = 0.1):
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval_s = interval_s
+        self._last_s = 0.0
+        self._width = 0
+
+    def show(self, progress: SyncProgress) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        finished = progress.files_done >= progress.files_total
+        if now - self._last_s < self.interval_s and not finished:
+            return
+        self._last_s = now
+        if progress.files_total == 1 and progress.windows_total:
+            share = progress.windows_done / progress.windows_total
+        else:
+            share = progress.files_done / max(1, progress.files_total)
+        filled = round(24 * min(1.0, share))
+        line = (
+            f"[{'#' * filled}{'.' * (24 - filled)}] files {progress.files_done}/"
+            f"{progress.files_total}  windows {progress.windows_done}/{progress.windows_total}"
+        )
+        self.stream.write("\r" + line.ljust(self._width))
+        self.stream.flush()
+        self._width = len(line)
+
+    def clear(self) -> None:
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    # Before the event loop starts: the heavy imports (torch, onnxruntime, OpenCV, LiteRT),
+    # loading the weights and exporting them to ONNX all block for a second or more.
+    from engine.models.loading import model_spec, resolve_weights, tower_backends
+    from pipelines.sync import SyncRunner
+
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    providers = tuple(name.strip() for name in args.providers.split(",") if name.strip())
+    if not providers:
+        raise UsageError("--providers names no provider")
+    files = expand_media_paths(args.paths)
+    spec = model_spec(args.model)
+    resolved = resolve_weights(spec, args.weights)
+    backends = tower_backends(resolved, backend=args.backend, providers=providers)
+    runner = SyncRunner(spec, backends)
+    header = f"{resolved.describe()} on {args.backend} [{', '.join(runner.providers)}]"
+    return asyncio.run(_sync_all(args, files, runner, header))
+
+
+async def _sync_all(
+    args: argparse.Namespace, files: list[str], runner: SyncRunner, header: str
+) -> int:
+    from pipelines.sync import task_group
+
+    bar = _ProgressBar(enabled=args.progress or sys.stderr.isatty())
+    progress = runner.progress
+    progress.files_total, progress.listener = len(files), bar.show
+    outcomes: list[FileSyncReport | EngineError | None] = [None] * len(files)
+    printed = 0
+    worst = EXIT_OK
+
+    def print_ready() -> None:
+        """Print the finished files in the order given, as soon as those before them are."""
+        nonlocal printed, worst
+        while printed < len(files) and outcomes[printed] is not None:
+            outcome, uri = outcomes[printed], files[printed]
+            bar.clear()
+            if isinstance(outcome, EngineError):
+                worst = max(worst, exit_code(outcome))
+                if args.json:
+                    print(json.dumps({"file": uri, "error": str(outcome)}), flush=True)
+                _report(outcome, args.debug, quiet=args.json)
+            elif outcome is not None:
+                text = json.dumps(outcome.to_json()) if args.json else _describe_sync(outcome)
+                print(text, flush=True)
+            printed += 1
+
+    async with runner:
+        if not args.json:
+            print(header, flush=True)
+        pending = iter(enumerate(files))
+
+        async def worker() -> None:
+            for index, uri in pending:
+                try:
+                    outcomes[index] = await runner.analyse_file(uri, max_seconds=args.seconds)
+                except EngineError as error:
+                    outcomes[index] = error
+                progress.update(files_done=1)
+                print_ready()
+
+        async with task_group() as group:
+            for number in range(min(args.jobs, len(files))):
+                group.create_task(worker(), name=f"sync-job-{number}")
+    bar.clear()
+    return worst
+
+
+def _describe_sync(report: FileSyncReport) -> str:
+    lines = [
+        f"{report.source}",
+        f"  {report.video_frames} frames at 25 fps, {len(report.tracks)} track(s), "
+        f"{report.windows} windows, {report.seconds:.2f} s",
+    ]
+    if not report.tracks:
+        lines.append("  no face found")
+        return "\n".join(lines)
+    lines.append(
+        f"  {'track':>5}  {'offset':<18} {'confidence':>10} {'min dist':>9} {'windows':>7}  box"
+    )
+    for track in report.tracks:
+        box = "[" + ", ".join(f"{v:.0f}" for v in track.box) + "]"
+        if track.offset_frames is None or track.offset_ms is None:
+            lines.append(
+                f"  {track.track_id:>5}  {'-':<18} {'-':>10} {'-':>9} {track.frames:>7}  {box}"
+            )
+            lines.append(f"         no estimate: {track.reason}")
+            continue
+        offset = f"{track.offset_frames:+d} fr ({track.offset_ms:+.0f} ms)"
+        lines.append(
+            f"  {track.track_id:>5}  {offset:<18} {track.confidence:>10.3f} "
+            f"{track.min_dist:>9.3f} {track.frames:>7}  {box}"
+        )
+    return "\n".join(lines)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from engine.models.loading import (
+        cli_name,
+        how_to_get,
+        installed_weights,
+        is_published_file,
+        looked_for,
+    )
+    from engine.models.spec import MODEL_SPECS
+
+    for name in sorted(MODEL_SPECS, key=lambda n: cli_name(MODEL_SPECS[n]) != SYNC_MODELS[0]):
+        spec = MODEL_SPECS[name]
+        installed = installed_weights(spec)
+        published = None if installed is None else is_published_file(spec, installed)
+        data: dict[str, Any] = {
+            "model": cli_name(spec),
+            "name": spec.name,
+            "description": spec.description,
+            "inputs": {tower.tower: _tensor_json(tower.input) for tower in spec.towers},
+            "embedding_size": spec.embedding_size,
+            "mfcc_preset": spec.window.mfcc_preset,
+            "installed": installed is not None,
+            "weights": None if installed is None else str(installed),
+            "published": published,
+            "looked_for": looked_for(spec),
+            "source": spec.weights.source if spec.weights else None,
+            "git_blob_sha1": spec.weights.git_blob_sha1 if spec.weights else None,
+            "how_to_get": how_to_get(spec),
+        }
+        print(json.dumps(data) if args.json else _describe_model(spec, data), flush=True)
+    return EXIT_OK
+
+
+def _tensor_json(tensor: TensorSpec) -> dict[str, Any]:
+    return {
+        "name": tensor.name,
+        "shape": ["batch", *tensor.shape],
+        "dtype": tensor.dtype,
+        "layout": tensor.layout,
+    }
+
+
+def _describe_model(spec: ModelSpec, data: dict[str, Any]) -> str:
+    lines = [f"{data['model']}  {spec.description}"]
+    for tower in spec.towers:
+        shape = ", ".join(map(str, tower.input.shape))
+        lines.append(
+            f"  {tower.tower + ' in':<10}{tower.input.name} (batch, {shape}) {tower.input.dtype}"
+        )
+    lines.append(f"  {'embedding':<10}{spec.embedding_size} floats per tower, Euclidean distance")
+    lines.append(f"  {'mfcc':<10}{spec.window.mfcc_preset} preset, 20 steps per 5 frames")
+    if data["installed"]:
+        check = {True: " (the published file)", False: " (NOT the published file)", None: ""}
+        lines.append(f"  {'weights':<10}installed: {data['weights']}{check[data['published']]}")
+    else:
+        looked = ", ".join(data["looked_for"])
+        lines.append(f"  {'weights':<10}not installed (looked for {looked})")
+        lines.append(f"  {'get them':<10}{data['how_to_get']}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -332,10 +333,14 @@ async def test_stage_serves_several_streams_and_passes_frames_through() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # asyncio debug mode (CI sets it) logs any step over 100 ms: on a loaded 2-core machine that
+    # includes innocent ones, so the CLI subprocess runs without it; in-process tests keep it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
     return subprocess.run(
         [sys.executable, "-m", "engine", *args],
         capture_output=True,
         text=True,
+        env=env,
         cwd=REPO,
         timeout=scaled(120),
         check=False,

@@ -14,6 +14,7 @@ person can act on.
     │   ├── MissingStream            the media lacks the audio or video the job needs
     │   ├── UnsupportedSource        a URL scheme or device format this build cannot open
     │   └── WeightsError             a model weights file is unreadable or does not fit the model
+    │       └── NoWeights            no trained weights are installed for the model asked for
     ├── SourceUnavailable            a live source cannot be reached now (retryable=True)
     ├── ChannelClosed                send or recv on a closed channel
     ├── ConcurrencyError             two consumers called recv() on one channel at once
@@ -101,3 +102,11 @@ class Overloaded(EngineError):
     """
 
     retryable = True
+
+
+class NoWeights(WeightsError):
+    """No trained weights are installed for the model asked for, and none were passed.
+
+    The message says where they were looked for and how to get or pass them. Nothing ever falls
+    back to random weights.
+    """

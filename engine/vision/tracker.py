@@ -53,7 +53,10 @@ class TrackerConfig:
         min_presence: mesh face-presence score below which the mesh alone does not keep a track
             (the detector can: an occluded mouth fails the mesh but not the detector).
         min_detection_score: detector score for opening a track or keeping one alive.
-        birth_frames: observed frames in a row that confirm a new track.
+        birth_frames: observed frames in a row that confirm a new track, provided that the mesh
+            was once confident (presence >= ``min_presence``) or the detector was
+            (>= ``birth_detection_score``); a weak candidate that never is, is dropped after
+            ``max_tentative`` frames (its crops are never emitted).
         death_frames: frames without an observation that end a track.
         match_iou: overlap at which a detection belongs to a track.
         duplicate_iou: overlap at which two tracks are the same face (the younger ends).
@@ -67,6 +70,8 @@ class TrackerConfig:
     min_presence: float = 0.5
     min_detection_score: float = 0.5
     birth_frames: int = 2
+    birth_detection_score: float = 0.75
+    max_tentative: int = 25
     death_frames: int = 6
     match_iou: float = 0.25
     duplicate_iou: float = 0.5
@@ -131,6 +136,8 @@ class _Track:
     streak: int = 1
     observed: int = 1
     confirmed: bool = False
+    best_mesh: float = 0.0
+    best_detection: float = 0.0
 
     def summary(self) -> TrackSummary:
         return TrackSummary(
@@ -288,6 +295,8 @@ class FaceTracker:
                 continue
             used_d.add(i)
             used_t.add(tid)
+            track = self._tracks[tid]
+            track.best_detection = max(track.best_detection, detections[i].score)
             if tid not in work.seen:  # the mesh lost it, the detector still sees it
                 work.seen[tid] = self.backend.mesh(
                     rgb, self.backend.roi_from_detection(detections[i])
@@ -307,6 +316,7 @@ class FaceTracker:
         track = _Track(
             self._next_id, work.index, mesh.points, box, work.index, streak=0, observed=0
         )
+        track.best_detection = detection.score
         self._next_id += 1
         self._tracks[track.track_id] = track
         work.seen[track.track_id] = mesh
@@ -320,7 +330,8 @@ class FaceTracker:
             track.streak = track.streak + 1 if track.last_seen >= work.index - 1 else 1
             track.observed += 1
             track.last_seen = work.index
-            if not track.confirmed and track.streak >= self.config.birth_frames:
+            track.best_mesh = max(track.best_mesh, mesh.score)
+            if not track.confirmed and self._born(track):
                 track.confirmed = True
                 work.confirmed.append(tid)
         self._drop_duplicates(work)
@@ -328,8 +339,18 @@ class FaceTracker:
             missing = work.index - track.last_seen
             if track.confirmed and missing >= self.config.death_frames:
                 self._end(track, work)
-            elif not track.confirmed and missing > 0:
+            elif not track.confirmed and (
+                missing > 0 or track.observed > self.config.max_tentative
+            ):
                 self._end(track, work)
+
+    def _born(self, track: _Track) -> bool:
+        """Seen long enough, and once with a confident mesh or a confident detection."""
+        sure = (
+            track.best_mesh >= self.config.min_presence
+            or track.best_detection >= self.config.birth_detection_score
+        )
+        return track.streak >= self.config.birth_frames and sure
 
     def _drop_duplicates(self, work: _Frame) -> None:
         ordered = sorted(self._tracks.values(), key=lambda t: t.track_id)
@@ -343,6 +364,9 @@ class FaceTracker:
 
     def _end(self, track: _Track, work: _Frame) -> None:
         del self._tracks[track.track_id]
+        if track.track_id in work.confirmed:  # confirmed and gone in one frame: never reported
+            work.confirmed.remove(track.track_id)
+            track.confirmed = False
         if track.confirmed:
             work.ended.append(track.summary())
         else:

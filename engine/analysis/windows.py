@@ -1,0 +1,93 @@
+"""Pairing video and audio on timestamps: 5-frame crop windows with their 20-step MFCC windows.
+
+At 25 fps and a 10 ms MFCC hop, video frame ``i`` (at ``pts``) pairs with the MFCC frames whose
+analysis windows start at ``pts, pts + 10 ms, ..., pts + 190 ms``: exactly what syncnet_python
+does with ``mfcc[4 i : 4 i + 20]``, but on timestamps rather than on array positions, so that
+clips whose audio starts before or after the picture pair correctly. Pure functions, no awaits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+VIDEO_FRAMES = 5
+MFCC_STEPS = 20
+FRAME_NS = 40_000_000
+HOP_NS = 10_000_000
+
+
+@dataclass(frozen=True)
+class PairedWindows:
+    """Windows that have both their pictures and their sound.
+
+    Attributes:
+        starts: index (into the track's frames) of each window's first frame ``(n,)``.
+        pts_ns: timestamp of each window's first frame ``(n,)``.
+        audio: MFCC windows ``(n, 13, 20)`` float32 (cepstra × time, SyncNet's layout).
+    """
+
+    starts: npt.NDArray[np.int64]
+    pts_ns: npt.NDArray[np.int64]
+    audio: npt.NDArray[np.float32]
+
+
+def pair_windows(
+    frame_pts_ns: npt.NDArray[np.int64],
+    mfcc: npt.NDArray[np.floating],
+    mfcc_start_ns: int,
+    *,
+    hop_ns: int = HOP_NS,
+    frame_ns: int = FRAME_NS,
+    video_frames: int = VIDEO_FRAMES,
+    mfcc_steps: int = MFCC_STEPS,
+) -> PairedWindows:
+    """Every window of ``video_frames`` consecutive frames whose MFCC window lies in ``mfcc``.
+
+    Args:
+        frame_pts_ns: timestamps of a track's frames ``(T,)``, increasing, on the 25 fps grid.
+        mfcc: the stream's MFCC frames ``(N, 13)``, one every ``hop_ns`` from ``mfcc_start_ns``.
+        mfcc_start_ns: start of the first MFCC frame's analysis window.
+        hop_ns: MFCC hop.
+        frame_ns: video frame interval; frames further apart break a window.
+        video_frames: frames per window.
+        mfcc_steps: MFCC frames per window.
+
+    Returns:
+        The windows, in time order.
+    """
+    pts = np.asarray(frame_pts_ns, dtype=np.int64)
+    count = pts.size - video_frames + 1
+    if count <= 0 or mfcc.shape[0] < mfcc_steps:
+        return _empty(mfcc.shape[1] if mfcc.ndim == 2 else 13, mfcc_steps)
+    starts = np.arange(count, dtype=np.int64)
+    # consecutive frames only: the last frame of the window is (frames - 1) intervals later
+    span = pts[starts + video_frames - 1] - pts[starts]
+    steady = np.abs(span - (video_frames - 1) * frame_ns) <= frame_ns // 4
+    offset = pts[starts] - mfcc_start_ns
+    first = np.round(offset / hop_ns).astype(np.int64)
+    on_grid = np.abs(offset - first * hop_ns) <= hop_ns // 4
+    inside = (first >= 0) & (first + mfcc_steps <= mfcc.shape[0])
+    keep = starts[steady & on_grid & inside]
+    firsts = first[keep]
+    index = firsts[:, None] + np.arange(mfcc_steps)[None, :]
+    audio = np.asarray(mfcc, dtype=np.float32)[index].transpose(0, 2, 1)
+    return PairedWindows(starts=keep, pts_ns=pts[keep], audio=np.ascontiguousarray(audio))
+
+
+def _empty(ceps: int, steps: int) -> PairedWindows:
+    return PairedWindows(
+        starts=np.zeros(0, dtype=np.int64),
+        pts_ns=np.zeros(0, dtype=np.int64),
+        audio=np.zeros((0, ceps, steps), dtype=np.float32),
+    )
+
+
+def video_windows(
+    frames: npt.NDArray[np.generic], starts: npt.NDArray[np.int64]
+) -> npt.NDArray[np.generic]:
+    """Stack ``video_frames`` consecutive frames per window: ``(n, 5, *frame_shape)``."""
+    index = starts[:, None] + np.arange(VIDEO_FRAMES)[None, :]
+    return np.ascontiguousarray(frames[index])
