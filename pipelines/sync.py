@@ -33,8 +33,9 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.analysis.sync import DEFAULT_MAX_SHIFT, estimate_sync
-from engine.analysis.windows import FRAME_NS, VIDEO_FRAMES, pair_windows
+from engine.analysis.windows import VIDEO_FRAMES, longest_run, pair_windows
 from engine.core.errors import UsageError
+from engine.core.stage import first_real_error
 from engine.models.inputs import audio_input, crop_kind, crop_window_shape, video_input
 from engine.models.spec import ModelSpec, TowerName
 from engine.runtime.backends import InferenceBackend
@@ -360,7 +361,7 @@ class SyncRunner:
     def _plan(self, track: TrackFeatures, features: ClipFeatures) -> _TrackPlan:
         crops = track.face if self._crop == "face" else track.mouth
         paired = pair_windows(track.pts_ns, features.mfcc, features.mfcc_start_ns)
-        run = _longest_run(paired.starts, paired.pts_ns)
+        run = longest_run(paired.starts, paired.pts_ns)
         starts, audio = paired.starts[run], paired.audio[run]
         reason = None
         if crops is None:
@@ -444,16 +445,7 @@ async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
         async with asyncio.TaskGroup() as group:
             yield group
     except BaseExceptionGroup as errors:
-        raise _first_error(errors)  # noqa: B904  (keep its own __cause__: the real failure)
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            return _first_error(error)
-        if not isinstance(error, asyncio.CancelledError):
-            return error
-    return group
+        raise first_real_error(errors)  # noqa: B904  (keep its own __cause__: the real failure)
 
 
 def _no_estimate(plan: _TrackPlan) -> TrackSync:
@@ -467,14 +459,3 @@ def _no_estimate(plan: _TrackPlan) -> TrackSync:
         box=plan.track.box,
         reason=plan.reason,
     )
-
-
-def _longest_run(starts: npt.NDArray[np.int64], pts_ns: npt.NDArray[np.int64]) -> slice:
-    """The longest run of windows on consecutive frames (the shift search needs a steady grid)."""
-    if starts.size == 0:
-        return slice(0, 0)
-    steps_ok = (np.diff(starts) == 1) & (np.abs(np.diff(pts_ns) - FRAME_NS) <= FRAME_NS // 4)
-    breaks = np.flatnonzero(~steps_ok) + 1
-    bounds = np.concatenate(([0], breaks, [starts.size]))
-    best = int(np.argmax(np.diff(bounds)))
-    return slice(int(bounds[best]), int(bounds[best + 1]))

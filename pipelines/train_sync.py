@@ -28,7 +28,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from engine.analysis.windows import pair_windows, video_windows
+from engine.analysis.windows import longest_run, pair_windows, video_windows
 from engine.models.syncnet_lite import SyncNetLiteModel
 from pipelines.sync_data import CachedClip, load_split
 
@@ -50,17 +50,8 @@ class Windows:
 def clip_windows(clip: CachedClip) -> Windows | None:
     """Windows whose 31 shifted audio windows all lie inside the clip."""
     paired = pair_windows(clip.pts_ns, clip.mfcc, clip.mfcc_start_ns)
-    if paired.starts.size < 2 * SHIFTS + 5:
-        return None
-    steps = np.diff(paired.starts)
-    if np.any(steps != 1):  # keep the longest run of consecutive windows
-        breaks = np.flatnonzero(steps != 1)
-        edges = np.concatenate([[0], breaks + 1, [paired.starts.size]])
-        longest = int(np.argmax(np.diff(edges)))
-        keep = slice(int(edges[longest]), int(edges[longest + 1]))
-        starts, audio = paired.starts[keep], paired.audio[keep]
-    else:
-        starts, audio = paired.starts, paired.audio
+    run = longest_run(paired.starts, paired.pts_ns)
+    starts, audio = paired.starts[run], paired.audio[run]
     if starts.size < 2 * SHIFTS + 5:
         return None
     mouth = video_windows(clip.mouth, starts[SHIFTS:-SHIFTS])

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.analysis.windows import longest_run
 from engine.core.errors import NoWeights, WeightsError
 from engine.models import loading
 from engine.models.export import export_towers
@@ -28,7 +29,7 @@ from engine.models.loading import resolve_weights, tower_backends
 from engine.models.spec import SYNCNET_LITE, SYNCNET_V2
 from engine.models.syncnet_lite import SyncNetLiteModel
 from engine.models.syncnet_v2 import SyncNetV2Model
-from pipelines.sync import SyncRunner, _longest_run
+from pipelines.sync import SyncRunner
 from tests.conftest import REPO, clip
 
 TRACK_KEYS = {"track_id", "offset_frames", "offset_ms", "confidence", "min_dist", "frames", "box"}
@@ -305,8 +306,8 @@ def test_model_inputs_layouts() -> None:
 def test_longest_run_of_consecutive_windows() -> None:
     starts = np.array([0, 1, 2, 5, 6, 7, 8, 9, 11], dtype=np.int64)
     pts = starts * 40_000_000
-    assert _longest_run(starts, pts) == slice(3, 8)
-    assert _longest_run(starts[:0], pts[:0]) == slice(0, 0)
+    assert longest_run(starts, pts) == slice(3, 8)
+    assert longest_run(starts[:0], pts[:0]) == slice(0, 0)
 
 
 async def test_files_share_batches_and_short_tracks_get_a_reason(weights_dir: Path) -> None:

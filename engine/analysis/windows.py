@@ -91,3 +91,19 @@ def video_windows(
     """Stack ``video_frames`` consecutive frames per window: ``(n, 5, *frame_shape)``."""
     index = starts[:, None] + np.arange(VIDEO_FRAMES)[None, :]
     return np.ascontiguousarray(frames[index])
+
+
+def longest_run(starts: npt.NDArray[np.int64], pts_ns: npt.NDArray[np.int64]) -> slice:
+    """The longest run of windows on consecutive frames (the shift search needs a steady grid).
+
+    Args:
+        starts: window start indices ``(n,)`` as :func:`pair_windows` returns them.
+        pts_ns: their timestamps ``(n,)``.
+    """
+    if starts.size == 0:
+        return slice(0, 0)
+    steps_ok = (np.diff(starts) == 1) & (np.abs(np.diff(pts_ns) - FRAME_NS) <= FRAME_NS // 4)
+    breaks = np.flatnonzero(~steps_ok) + 1
+    bounds = np.concatenate(([0], breaks, [starts.size]))
+    best = int(np.argmax(np.diff(bounds)))
+    return slice(int(bounds[best]), int(bounds[best + 1]))

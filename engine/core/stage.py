@@ -146,7 +146,7 @@ class Pipeline(Generic[Out]):
                 for index, stage in enumerate(self._stages):
                     group.create_task(self._pump(index, stage), name=f"{self.name}:{stage.name}")
         except BaseExceptionGroup as group_error:
-            self._error = _first_real_error(group_error)
+            self._error = first_real_error(group_error)
             for link in self._links:
                 link.discard()
 
@@ -238,10 +238,11 @@ class Pipeline(Generic[Out]):
         self._raise_if_failed()
 
 
-def _first_real_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_real_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error of a task group that is not a cancellation (the group if none is)."""
     for error in group.exceptions:
         if isinstance(error, BaseExceptionGroup):
-            return _first_real_error(error)
+            return first_real_error(error)
         if not isinstance(error, asyncio.CancelledError):
             return error
     return group
