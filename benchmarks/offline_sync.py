@@ -114,6 +114,7 @@ PACKAGES = (
     "scipy",
     "ai-edge-litert",
 )
+LITE_STATE = REPO_ROOT / "engine" / "models" / "weights" / "syncnet_lite" / "syncnet_lite.pt"
 REFERENCE_BATCH = 20  # syncnet_python demo_syncnet.py --batch_size default
 VSHIFT = 15  # syncnet_python --vshift default
 SECONDS = {SYNCNET_LITE.name: None, SYNCNET_V2.name: 10.0}  # None: the whole clip
@@ -159,9 +160,12 @@ class TimedBackend:
 
 
 def seeded_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised model from ``torch.manual_seed(0)``, in eval mode."""
+    """SyncNet-lite with its shipped weights; SyncNet v2 seeded random (``manual_seed(0)``)."""
     torch.manual_seed(0)
-    model: nn.Module = SyncNetV2Model() if spec is SYNCNET_V2 else SyncNetLiteModel()
+    if spec is SYNCNET_V2:
+        return SyncNetV2Model().eval()
+    model = SyncNetLiteModel()
+    model.load_state_dict(torch.load(LITE_STATE, map_location="cpu", weights_only=True))
     return model.eval()
 
 
@@ -239,6 +243,17 @@ def calc_pdist(feat1: torch.Tensor, feat2: torch.Tensor, vshift: int) -> list[to
     return dists
 
 
+def lite_batch(
+    imtv: torch.Tensor, cct: torch.Tensor, frames: range
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SyncNet-lite's input for a batch of windows: one chunk with 6 frames of context a side."""
+    context = SYNCNET_LITE.window.context_frames
+    index = np.arange(frames.start - context, frames.stop + 4 + context)
+    video = imtv[:, np.clip(index, 0, imtv.shape[1] - 1)]
+    steps = (4 * index[:, None] + np.arange(4)[None, :]).reshape(-1)
+    return video, cct[:, :, :, np.clip(steps, 0, cct.shape[3] - 1)]
+
+
 def run_reference(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
     """syncnet_python's shape: JPEGs on disk, WAV on disk, psf MFCC, torch batches of 20."""
     watch = Stopwatch()
@@ -260,7 +275,7 @@ def run_reference(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
                 audio_16k = decode_audio_16k(CLIP, max_seconds)
                 wavfile.write(os.path.join(work, "audio.wav"), 16000, audio_16k)
             with watch.part("jpeg_write"):  # ffmpeg ... -f image2 %06d.jpg
-                crops = track.face if face else track.mouth
+                crops = track.face if face else track.face112
                 assert crops is not None
                 for index, crop in enumerate(crops):
                     image = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR) if face else crop
@@ -274,13 +289,12 @@ def run_reference(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
                     im = np.expand_dims(im, axis=0)
                     im = np.transpose(im, (0, 3, 4, 1, 2))  # (1, 3, T, 224, 224)
                     imtv = torch.from_numpy(im.astype(float)).float()
-                else:  # SyncNet-lite's layout: (1, T, 48, 96), 0..1
+                else:  # SyncNet-lite's layout: (1, T, 112, 112), 0..1
                     im = np.expand_dims(np.stack(images, axis=0), axis=0)
                     imtv = torch.from_numpy(im.astype(float)).float() / 255.0
             with watch.part("mfcc"):  # "Load audio"
                 sample_rate, audio = wavfile.read(os.path.join(work, "audio.wav"))
-                options: dict[str, Any] = {} if face else {"winfunc": np.hamming}
-                mfcc = zip(*python_speech_features.mfcc(audio, sample_rate, **options), strict=True)
+                mfcc = zip(*python_speech_features.mfcc(audio, sample_rate), strict=True)
                 mfcc_array = np.stack([np.array(i) for i in mfcc])
                 cc = np.expand_dims(np.expand_dims(mfcc_array, axis=0), axis=0)
                 cct = torch.from_numpy(cc.astype(float)).float()
@@ -292,13 +306,13 @@ def run_reference(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
                 frames = range(i, min(lastframe, i + REFERENCE_BATCH))
                 if face:
                     im_in = torch.cat([imtv[:, :, v : v + 5, :, :] for v in frames], 0)
-                else:
-                    im_in = torch.cat([imtv[:, v : v + 5, :, :] for v in frames], 0)
+                    cc_in = torch.cat([cct[:, :, :, v * 4 : v * 4 + 20] for v in frames], 0)
+                else:  # the 20 windows as one chunk, with the model's context around them
+                    im_in, cc_in = lite_batch(imtv, cct, frames)
                 im_out = model.forward_video(im_in)  # type: ignore[operator]
-                im_feat.append(im_out.data.cpu())
-                cc_in = torch.cat([cct[:, :, :, v * 4 : v * 4 + 20] for v in frames], 0)
                 cc_out = model.forward_audio(cc_in)  # type: ignore[operator]
-                cc_feat.append(cc_out.data.cpu())
+                im_feat.append(im_out.data.cpu().reshape(-1, im_out.shape[-1]))
+                cc_feat.append(cc_out.data.cpu().reshape(-1, cc_out.shape[-1]))
         with watch.part("sync"):  # "Compute offset"
             im_all, cc_all = torch.cat(im_feat, 0), torch.cat(cc_feat, 0)
             dists = calc_pdist(im_all, cc_all, vshift=VSHIFT)
@@ -354,7 +368,7 @@ def batch_sweep(spec: ModelSpec, model: nn.Module) -> list[dict[str, Any]]:
 
 def warm_up() -> None:
     """Numba JIT, LiteRT model loading: first-call costs neither pipeline should carry."""
-    for preset in ("hamming", "syncnet"):
+    for preset in ("syncnet",):
         asyncio.run(extract_clip(str(WARMUP_CLIP), preset=preset, want_face=True, max_seconds=1))
 
 

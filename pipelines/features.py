@@ -30,6 +30,7 @@ class TrackFeatures:
         pts_ns: timestamp of each frame ``(T,)``.
         mouth: grey mouth crops ``(T, 48, 96)`` uint8.
         face: SyncNet v2 face crops ``(T, 224, 224, 3)`` RGB uint8 (only when asked for).
+        face112: grey 112×112 centre crops of the face ``(T, 112, 112)`` uint8 (SyncNet-lite).
         lips: normalised lip points ``(T, 40, 2)`` float32.
         observed: whether the face was seen in each frame ``(T,)``.
         box: the track's median box ``[x0, y0, x1, y1]``, source pixels.
@@ -39,6 +40,7 @@ class TrackFeatures:
     pts_ns: npt.NDArray[np.int64]
     mouth: npt.NDArray[np.uint8]
     face: npt.NDArray[np.uint8] | None
+    face112: npt.NDArray[np.uint8]
     lips: npt.NDArray[np.float32]
     observed: npt.NDArray[np.bool_]
     box: list[float]
@@ -104,6 +106,7 @@ class _Collector:
                 pts_ns=np.array([c.pts_ns for c in crops], dtype=np.int64),
                 mouth=np.stack([c.mouth for c in crops]),
                 face=np.stack([c.face for c in crops]) if self.want_face else None,
+                face112=np.stack([c.face112 for c in crops]),
                 lips=np.stack([c.lips for c in crops]),
                 observed=np.array([c.observed for c in crops], dtype=np.bool_),
                 box=[round(float(v), 1) for v in ended.box],

@@ -33,7 +33,13 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.analysis.sync import DEFAULT_MAX_SHIFT, estimate_sync
-from engine.analysis.windows import VIDEO_FRAMES, longest_run, pair_windows
+from engine.analysis.windows import (
+    VIDEO_FRAMES,
+    frame_chunks,
+    longest_run,
+    mfcc_chunks,
+    pair_windows,
+)
 from engine.core.errors import UsageError
 from engine.core.stage import first_real_error
 from engine.models.inputs import audio_input, crop_kind, crop_window_shape, video_input
@@ -43,16 +49,20 @@ from engine.runtime.batcher import Batcher, BatcherStats
 from pipelines.features import ClipFeatures, TrackFeatures, extract_clip
 
 WindowKey = tuple[str, int, int]
-"""``(source, track_id, index of the window's first frame in the track)``."""
+"""``(source, track_id, index of the window's first frame in the track)``; for a chunk model
+``(source, track_id, chunk number)``."""
+
+Item = tuple[WindowKey, Mapping[str, npt.NDArray[Any]]]
 
 MIN_WINDOWS = 2 * DEFAULT_MAX_SHIFT + 1
 """Fewest consecutive windows a track needs for an estimate: the ±15-frame search's width."""
 
-DEFAULT_MAX_BATCH: dict[str, int] = {"syncnet_v2": 16, "syncnet_lite": 64}
+DEFAULT_MAX_BATCH: dict[str, int] = {"syncnet_v2": 16, "syncnet_lite": 4}
 """Windows per model call, by model. Measured on one CPU thread (``benchmarks/offline_sync.py``):
 SyncNet v2 costs about the same per window at any batch from 1 to 32 (about 30 ms video, 3.5 ms
-audio), so 16 keeps its batch memory (3 MB a window as float32) small; SyncNet-lite costs
-0.48-0.50 ms per video window from 16 to 64. GPUs gain from the larger batches."""
+audio), so 16 keeps its batch memory (3 MB a window as float32) small. A SyncNet-lite item is a
+chunk of 48 windows (64 frames, 3.2 MB as float32), so 4 chunks make a batch of 192 windows. GPUs
+gain from larger batches."""
 
 DEFAULT_MAX_WAIT_MS = 5.0
 """How long a partial batch waits for windows of other files, in ms."""
@@ -160,6 +170,7 @@ class _TrackPlan:
     crops: npt.NDArray[np.uint8] | None
     starts: npt.NDArray[np.int64]
     audio: npt.NDArray[np.float32]
+    steps: npt.NDArray[np.int64]
     available: int
     reason: str | None
 
@@ -343,7 +354,7 @@ class SyncRunner:
         self.progress.update(windows_total=windows)
         async with task_group() as group:
             tasks = {
-                plan.track.track_id: group.create_task(self._estimate(uri, plan))
+                plan.track.track_id: group.create_task(self._estimate(uri, plan, features.mfcc))
                 for plan in runnable
             }
         tracks = [
@@ -359,10 +370,10 @@ class SyncRunner:
         )
 
     def _plan(self, track: TrackFeatures, features: ClipFeatures) -> _TrackPlan:
-        crops = track.face if self._crop == "face" else track.mouth
+        crops = track.face if self._crop == "face" else track.face112
         paired = pair_windows(track.pts_ns, features.mfcc, features.mfcc_start_ns)
         run = longest_run(paired.starts, paired.pts_ns)
-        starts, audio = paired.starts[run], paired.audio[run]
+        starts, audio, steps = paired.starts[run], paired.audio[run], paired.steps[run]
         reason = None
         if crops is None:
             reason = f"no {self._crop} crops were kept"
@@ -376,21 +387,62 @@ class SyncRunner:
                 f"only {len(starts)} consecutive windows with audio; {self.min_windows} needed "
                 f"for the ±{self.max_shift}-frame search"
             )
-        return _TrackPlan(track, crops, starts, audio, len(starts), reason)
+        return _TrackPlan(track, crops, starts, audio, steps, len(starts), reason)
 
-    async def _estimate(self, uri: str, plan: _TrackPlan) -> TrackSync:
+    def _items(
+        self, uri: str, plan: _TrackPlan, mfcc: npt.NDArray[np.float32]
+    ) -> tuple[list[Item], list[Item], list[int], slice[int, int, None]]:
+        """Batcher items of both towers, windows per video item, and where the audio rows are.
+
+        The slice locates the audio rows in the audio tower's output (``start`` is the lead).
+
+        A chunk model also gets the sound around the run (up to ``max_shift`` windows a side,
+        where the MFCC has it), so the shift search compares with real audio rather than zeros;
+        the lead is how many audio windows come before the run's first.
+        """
+        assert plan.crops is not None
+        crops, track_id, window = plan.crops, plan.track.track_id, self.spec.window
+        if not window.is_chunked:
+            keys = [(uri, track_id, int(s)) for s in plan.starts]
+            video: list[Item] = [
+                (key, {"crops": crops[s : s + VIDEO_FRAMES]})
+                for key, s in zip(keys, plan.starts.tolist(), strict=True)
+            ]
+            audio: list[Item] = [(key, {"mfcc": plan.audio[i]}) for i, key in enumerate(keys)]
+            return video, audio, [1] * len(video), slice(0, len(audio))
+        count, size, first_step = len(plan.starts), window.chunk_windows, int(plan.steps[0])
+        steps_per_frame = window.mfcc_steps // window.video_frames
+        lead = min(self.max_shift, first_step // steps_per_frame)
+        last_start = (mfcc.shape[0] - window.mfcc_steps - first_step) // steps_per_frame
+        trail = max(0, min(self.max_shift, last_start - (count - 1)))
+        faces = frame_chunks(
+            crops, int(plan.starts[0]), count, chunk=size, context=window.context_frames
+        )
+        sound = mfcc_chunks(
+            mfcc,
+            first_step - steps_per_frame * lead,
+            lead + count + trail,
+            chunk=size,
+            context=window.context_frames,
+            steps_per_frame=steps_per_frame,
+        )
+        video = [((uri, track_id, c), {"crops": faces[c]}) for c in range(faces.shape[0])]
+        audio = [((uri, track_id, c), {"mfcc": sound[c]}) for c in range(sound.shape[0])]
+        covered = [min(size, count - c * size) for c in range(len(video))]
+        return video, audio, covered, slice(lead, lead + count + trail)
+
+    async def _estimate(
+        self, uri: str, plan: _TrackPlan, mfcc: npt.NDArray[np.float32]
+    ) -> TrackSync:
         assert self._video is not None and self._audio is not None and plan.crops is not None
-        crops, track_id = plan.crops, plan.track.track_id
-        keys = [(uri, track_id, int(s)) for s in plan.starts]
-        video_items = [
-            (key, {"crops": crops[s : s + VIDEO_FRAMES]})
-            for key, s in zip(keys, plan.starts.tolist(), strict=True)
-        ]
-        audio_items = [(key, {"mfcc": plan.audio[i]}) for i, key in enumerate(keys)]
+        track_id, count = plan.track.track_id, len(plan.starts)
+        video_items, audio_items, covered, rows = self._items(uri, plan, mfcc)
         async with task_group() as group:
-            video = group.create_task(self._embed(self._video, video_items, count_progress=True))
-            audio = group.create_task(self._embed(self._audio, audio_items, count_progress=False))
-        video_emb, audio_emb = video.result(), audio.result()
+            video = group.create_task(self._embed(self._video, video_items, covered))
+            audio = group.create_task(self._embed(self._audio, audio_items, None))
+        dim = self.spec.embedding_size
+        video_emb = video.result().reshape(-1, dim)[:count]
+        audio_emb = audio.result().reshape(-1, dim)[: rows.stop]
         if not (np.isfinite(video_emb).all() and np.isfinite(audio_emb).all()):
             plan.reason = "the model gave NaN or infinite embeddings (broken weights?)"
             return _no_estimate(plan)
@@ -400,6 +452,7 @@ class SyncRunner:
             audio_emb,
             max_shift=self.max_shift,
             fps=float(self.spec.window.fps),
+            audio_lead=rows.start,
         )
         return TrackSync(
             track_id=track_id,
@@ -415,21 +468,23 @@ class SyncRunner:
         self,
         batcher: Batcher[WindowKey],
         items: Sequence[tuple[WindowKey, Mapping[str, npt.NDArray[Any]]]],
-        *,
-        count_progress: bool,
+        covered: Sequence[int] | None,
     ) -> npt.NDArray[np.float32]:
-        """Embeddings ``(len(items), dim)``, submitted in chunks of a batch for the progress."""
-        size = batcher.max_batch
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        """Outputs ``(len(items), *output)``, submitted a batch at a time for the progress.
 
-        async def chunk_rows(chunk: Sequence[Any]) -> list[npt.NDArray[Any]]:
-            rows = await batcher.submit_many(chunk)
-            if count_progress:
-                self.progress.update(windows_done=len(chunk))
+        ``covered[i]`` windows are counted done when item ``i`` is (None: not counted).
+        """
+        size = batcher.max_batch
+        starts = range(0, len(items), size)
+
+        async def chunk_rows(start: int) -> list[npt.NDArray[Any]]:
+            rows = await batcher.submit_many(items[start : start + size])
+            if covered is not None:
+                self.progress.update(windows_done=sum(covered[start : start + size]))
             return rows
 
         async with task_group() as group:
-            tasks = [group.create_task(chunk_rows(chunk)) for chunk in chunks]
+            tasks = [group.create_task(chunk_rows(start)) for start in starts]
         rows = [row for task in tasks for row in task.result()]
         return np.stack(rows).astype(np.float32, copy=False)
 

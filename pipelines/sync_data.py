@@ -2,7 +2,7 @@
 
 Each clip of ``clips.csv`` is run through :func:`pipelines.features.extract_clip` (the engine's own
 sources, MFCC and face stages) and its longest face track is stored as one ``.npz``: the mouth
-crops ``(T, 48, 96)`` uint8, their timestamps, the lip points, and the clip's MFCC (``hamming``
+crops ``(T, 48, 96)`` uint8, their timestamps, the lip points, and the clip's MFCC (``syncnet``
 preset) with its start time. The split comes from the ``split`` column of ``clips.csv`` (by
 identity, fixed): train on ``train``, report on ``test``.
 
@@ -45,6 +45,7 @@ class CachedClip:
     identity: str
     split: str
     mouth: npt.NDArray[np.uint8]
+    face112: npt.NDArray[np.uint8]
     pts_ns: npt.NDArray[np.int64]
     lips: npt.NDArray[np.float32]
     mfcc: npt.NDArray[np.float32]
@@ -68,7 +69,7 @@ def cache_name(row: ClipRow, data: Path) -> str:
 
 async def prepare(row: ClipRow, out: Path) -> bool:
     """Decode one clip into ``out``; False when it has no usable face track or audio."""
-    features = await extract_clip(str(row.path), preset="hamming")
+    features = await extract_clip(str(row.path), preset="syncnet")
     tracks = [t for t in features.tracks if t.pts_ns.size >= MIN_FRAMES]
     if not tracks or features.mfcc.shape[0] < 20:
         return False
@@ -78,6 +79,7 @@ async def prepare(row: ClipRow, out: Path) -> bool:
         identity=row.identity,
         split=row.split,
         mouth=track.mouth,
+        face112=track.face112,
         pts_ns=track.pts_ns,
         lips=track.lips,
         mfcc=features.mfcc,
@@ -94,6 +96,7 @@ def load(path: Path) -> CachedClip:
             identity=str(data["identity"]),
             split=str(data["split"]),
             mouth=data["mouth"],
+            face112=data["face112"],
             pts_ns=data["pts_ns"],
             lips=data["lips"],
             mfcc=data["mfcc"],

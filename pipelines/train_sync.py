@@ -1,16 +1,19 @@
-"""Train SyncNet-lite on the cached clips: which of 31 audio windows belongs to these lips?
+"""Train SyncNet-lite's sync heads on cached clips: which of 31 audio windows fits these lips?
 
-Self-supervised, as SyncNet: the genuine pair is a 5-frame mouth window and the 20 MFCC steps at
-the same time; the negatives are the same clip's audio shifted by -15..+15 frames (the shifts
-the analysis searches) and audio windows of other clips. The loss is a softmax over all
-candidates (cross-entropy on scaled cosine similarities), which ranks the true shift first —
-what the offset estimate needs — rather than SyncNet's pairwise contrastive margin.
+Self-supervised, as SyncNet: the genuine pair is a 5-frame window of a face track and the 20 MFCC
+steps at the same time; the negatives are the same clip's audio shifted by -15..+15 frames (the
+shifts the analysis searches) and audio windows of other clips. The loss is a softmax over all
+candidates (cross-entropy on scaled cosine similarities), which ranks the true shift first,
+what the offset estimate needs, rather than SyncNet's pairwise contrastive margin.
 
-Augmentation fights the small data: brightness, contrast, a small shift and scale of the mouth
-crop, horizontal flips, pixel noise; MFCC noise, gain (c0) and time masking.
+The encoders are Light-ASD's (``--light-asd CHECKPOINT``, MIT) and stay frozen: their per-frame
+features are computed once per clip, so training the heads takes minutes on a CPU. Features get
+Gaussian noise and dropout as augmentation. The model is selected on held-out *train*
+identities (every ``--val-every``-th); the test split is never read here.
 
-Deterministic given ``--seed`` (one process, fixed threads). Run:
-``python -m pipelines.train_sync --cache CACHE --out OUT [--epochs N] [--seed S]``.
+Deterministic given ``--seed`` (one process, fixed threads). Writes ``syncnet_lite.pt`` (the
+whole model's state dict), ``video.onnx`` / ``audio.onnx`` and ``training.json`` to ``--out``.
+Run: ``python -m pipelines.train_sync --cache CACHE --light-asd CHECKPOINT --out OUT``.
 """
 
 from __future__ import annotations
@@ -27,101 +30,124 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812
+from numpy.lib.stride_tricks import sliding_window_view
 
-from engine.analysis.windows import longest_run, pair_windows, video_windows
-from engine.models.syncnet_lite import SyncNetLiteModel
+from engine.analysis.windows import longest_run, pair_windows
+from engine.models.light_asd import AudioEncoder, VisualEncoder, load_light_asd_encoders
+from engine.models.syncnet_lite import WINDOW_FRAMES, SyncNetLiteModel
 from pipelines.sync_data import CachedClip, load_split
 
 SHIFTS = 15
 """Candidate shifts -15..+15 frames, as the offset search."""
-FOREIGN = 16
+FOREIGN = 32
 """Audio windows from other clips added as negatives per sample."""
+ENCODER_CHUNK = 192
+"""Frames per visual-encoder call when computing features (bounded memory)."""
+ENCODER_REACH = 8
+"""Frames of overlap between encoder calls: more than the encoders' ±6-frame reach."""
 
 
 @dataclass
-class Windows:
-    """All training windows of one clip: mouth windows and, per window, 31 shifted audio windows."""
+class ClipFeatures:
+    """Frozen encoder features of one clip's longest run of paired windows.
+
+    ``video[t]`` is frame ``t`` of the run; ``audio[offset + t]`` is the 40 ms of sound that
+    starts with frame ``t``, and audio features exist before and after the run where the MFCC
+    does, so shifted windows read real sound.
+    """
 
     name: str
-    mouth: npt.NDArray[np.uint8]  # (n, 5, 48, 96)
-    audio: npt.NDArray[np.float32]  # (n + 2 * SHIFTS, 13, 20): window k pairs with audio k+SHIFTS
+    identity: str
+    video: npt.NDArray[np.float32]  # (frames, 128)
+    audio: npt.NDArray[np.float32]  # (audio frames, 128)
+    offset: int
+
+    def windows(self) -> npt.NDArray[np.int64]:
+        """Run windows whose 31 shifted audio windows all exist."""
+        t = np.arange(self.video.shape[0] - WINDOW_FRAMES + 1)
+        low = self.offset + t - SHIFTS
+        high = self.offset + t + SHIFTS + WINDOW_FRAMES
+        return t[(low >= 0) & (high <= self.audio.shape[0])]
 
 
-def clip_windows(clip: CachedClip) -> Windows | None:
-    """Windows whose 31 shifted audio windows all lie inside the clip."""
+def visual_features(
+    encoder: VisualEncoder, faces: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.float32]:
+    """Per-frame features of a whole run, in overlapping chunks (equal to one call on it all)."""
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, faces.shape[0], ENCODER_CHUNK):
+            low = max(0, start - ENCODER_REACH)
+            high = min(faces.shape[0], start + ENCODER_CHUNK + ENCODER_REACH)
+            chunk = torch.from_numpy(faces[low:high] / np.float32(255))[None]
+            out = encoder(chunk)[0]
+            parts.append(
+                out[start - low : start - low + min(ENCODER_CHUNK, faces.shape[0] - start)]
+            )
+    return torch.cat(parts).numpy()
+
+
+def clip_features(
+    clip: CachedClip, visual: VisualEncoder, audio: AudioEncoder
+) -> ClipFeatures | None:
+    """Encoder features of the clip's longest run of windows with audio; None when too short."""
     paired = pair_windows(clip.pts_ns, clip.mfcc, clip.mfcc_start_ns)
     run = longest_run(paired.starts, paired.pts_ns)
-    starts, audio = paired.starts[run], paired.audio[run]
-    if starts.size < 2 * SHIFTS + 5:
+    starts, steps = paired.starts[run], paired.steps[run]
+    if starts.size < WINDOW_FRAMES:
         return None
-    mouth = video_windows(clip.mouth, starts[SHIFTS:-SHIFTS])
-    return Windows(clip.name, mouth, audio)
-
-
-def augment_video(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random brightness/contrast, shift/scale, flip and noise on ``(B, 5, 48, 96)`` in [0, 1]."""
-    size = batch.shape[0]
-    gain = 1 + 0.3 * (torch.rand(size, 1, 1, 1, generator=generator) - 0.5)
-    bias = 0.15 * (torch.rand(size, 1, 1, 1, generator=generator) - 0.5)
-    out = batch * gain + bias
-    scale = 1 + 0.16 * (torch.rand(size, generator=generator) - 0.5)
-    shift = 0.12 * (torch.rand(size, 2, generator=generator) - 0.5)
-    theta = torch.zeros(size, 2, 3)
-    theta[:, 0, 0] = scale
-    theta[:, 1, 1] = scale
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, list(out.shape), align_corners=False)
-    out = F.grid_sample(out, grid, padding_mode="border", align_corners=False)
-    flip = torch.rand(size, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
-    out = out + 0.02 * torch.randn(out.shape, generator=generator)
-    return out.clamp(0, 1)
-
-
-def augment_audio(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """MFCC noise, gain (c0 offset) and one masked time step range on ``(B, 1, 13, 20)``."""
-    size = batch.shape[0]
-    out = batch + 0.5 * torch.randn(batch.shape, generator=generator)
-    out[:, :, 0, :] += 4 * (torch.rand(size, 1, 1, generator=generator) - 0.5)
-    start = torch.randint(0, 18, (size,), generator=generator)
-    width = torch.randint(0, 3, (size,), generator=generator)
-    steps = torch.arange(20)
-    mask = (steps[None, :] >= start[:, None]) & (steps[None, :] < (start + width)[:, None])
-    return out.masked_fill(mask[:, None, None, :], 0.0)
+    first, last = int(starts[0]), int(starts[-1]) + WINDOW_FRAMES
+    phase = int(steps[0]) % 4  # audio features every 4 steps, in phase with the frames
+    mfcc = torch.from_numpy(np.ascontiguousarray(clip.mfcc[phase:].T))[None, None]
+    with torch.inference_mode():
+        sound = audio(mfcc)[0].numpy()
+    return ClipFeatures(
+        name=clip.name,
+        identity=clip.identity,
+        video=visual_features(visual, clip.face112[first:last]),
+        audio=sound,
+        offset=(int(steps[0]) - phase) // 4,
+    )
 
 
 class Sampler:
-    """Draws training batches: mouth windows, 31 shifted audio windows, foreign audio windows."""
+    """Training batches: video windows, their 31 shifted audio windows, foreign audio windows."""
 
-    def __init__(self, clips: list[Windows], seed: int) -> None:
-        """Index every window of every clip."""
+    def __init__(self, clips: list[ClipFeatures], seed: int) -> None:
         self.clips = clips
         self.rng = np.random.default_rng(seed)
-        self.index = [(c, k) for c, w in enumerate(clips) for k in range(w.mouth.shape[0])]
+        self.video = [sliding_window_view(c.video, WINDOW_FRAMES, axis=0) for c in clips]
+        self.audio = [sliding_window_view(c.audio, WINDOW_FRAMES, axis=0) for c in clips]
+        self.index = [(i, int(t)) for i, c in enumerate(clips) for t in c.windows()]
+        owners = [np.full(a.shape[0], i) for i, a in enumerate(self.audio)]
+        self.pool = np.concatenate(self.audio)  # every audio window: (n, 128, 5)
+        self.pool_owner = np.concatenate(owners)
 
     def __len__(self) -> int:
-        """Windows in one epoch."""
         return len(self.index)
 
-    def epoch(self, batch: int) -> list[list[tuple[int, int]]]:
-        """The batches of one epoch, shuffled."""
-        order = self.rng.permutation(len(self.index))
-        picks = [self.index[i] for i in order]
-        return [picks[i : i + batch] for i in range(0, len(picks) - batch + 1, batch)]
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``video (B, 5, 128)`` and ``audio (B, 31 + FOREIGN, 5, 128)`` features."""
+        picks = [self.index[k] for k in self.rng.integers(len(self.index), size=size)]
+        video = np.stack([self.video[i][t] for i, t in picks])
+        own = np.stack(
+            [self.audio[i][self.clips[i].offset + t - SHIFTS :][: 2 * SHIFTS + 1] for i, t in picks]
+        )
+        foreign = self.rng.integers(self.pool.shape[0], size=(size, FOREIGN))
+        clash = self.pool_owner[foreign] == np.array([i for i, _ in picks])[:, None]
+        foreign[clash] = (foreign[clash] + self.pool.shape[0] // 2) % self.pool.shape[0]
+        audio = np.concatenate([own, self.pool[foreign]], axis=1)
+        return (
+            torch.from_numpy(video).transpose(1, 2),
+            torch.from_numpy(np.ascontiguousarray(audio)).transpose(2, 3),
+        )
 
-    def tensors(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``video (B, 5, 48, 96)`` in [0, 1] and ``audio (B, 31 + FOREIGN, 1, 13, 20)``."""
-        video = np.stack([self.clips[c].mouth[k] for c, k in picks]).astype(np.float32) / 255
-        audio = []
-        for c, k in picks:
-            own = self.clips[c].audio[k : k + 2 * SHIFTS + 1]
-            others = [o for o in range(len(self.clips)) if o != c]
-            foreign = []
-            for o in self.rng.choice(others, FOREIGN):
-                windows = self.clips[int(o)].audio
-                foreign.append(windows[self.rng.integers(windows.shape[0])])
-            audio.append(np.concatenate([own, np.stack(foreign)]))
-        return torch.from_numpy(video), torch.from_numpy(np.stack(audio))[:, :, None]
+
+def augment(features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise at a tenth of the features' spread, and 10 % feature dropout."""
+    noise = torch.randn(features.shape, generator=generator) * (0.1 * features.std())
+    keep = torch.rand(features.shape, generator=generator) >= 0.1
+    return (features + noise) * keep / 0.9
 
 
 def loss_and_accuracy(
@@ -129,8 +155,8 @@ def loss_and_accuracy(
 ) -> tuple[torch.Tensor, float]:
     """Softmax over candidates; the true one is the unshifted window (index SHIFTS)."""
     size, candidates = audio.shape[:2]
-    v = F.normalize(model.forward_video(video), dim=1)
-    a = F.normalize(model.forward_audio(audio.flatten(0, 1)), dim=1).view(size, candidates, -1)
+    v = model.video_head(video)[:, 0]  # (B, dim): one window of 5 features
+    a = model.audio_head(audio.flatten(0, 1))[:, 0].view(size, candidates, -1)
     logits = scale * torch.einsum("bd,bcd->bc", v, a)
     target = torch.full((size,), SHIFTS, dtype=torch.long)
     loss = F.cross_entropy(logits, target)
@@ -138,22 +164,23 @@ def loss_and_accuracy(
     return loss, accuracy
 
 
-def evaluate(model: SyncNetLiteModel, clips: list[Windows], window: int = 25) -> dict[str, float]:
-    """Share of ``window``-frame spans whose mean-distance offset is exact / within ±1 frame."""
+def evaluate(
+    model: SyncNetLiteModel, clips: list[ClipFeatures], span: int = 25
+) -> dict[str, float]:
+    """Share of ``span``-window stretches whose mean-distance offset is exact / within ±1."""
     model.eval()
     exact = near = total = 0
     with torch.inference_mode():
         for clip in clips:
-            v = F.normalize(
-                model.forward_video(torch.from_numpy(clip.mouth / np.float32(255))), dim=1
-            )
-            a = F.normalize(model.forward_audio(torch.from_numpy(clip.audio)[:, None]), dim=1)
-            n = v.shape[0]
-            # distance of window k to audio window k + SHIFTS + s, for s in -SHIFTS..SHIFTS
-            index = torch.arange(n)[:, None] + torch.arange(2 * SHIFTS + 1)[None, :]
-            dist = (v[:, None, :] - a[index]).norm(dim=2)  # (n, 31)
-            for start in range(0, n - window + 1, window):
-                best = int(dist[start : start + window].mean(0).argmin()) - SHIFTS
+            t = clip.windows()
+            if t.size < span:
+                continue
+            v = model.video_head(torch.from_numpy(clip.video)[None])[0]
+            a = model.audio_head(torch.from_numpy(clip.audio)[None])[0]
+            index = torch.from_numpy(clip.offset + t)[:, None] + torch.arange(-SHIFTS, SHIFTS + 1)
+            dist = (v[torch.from_numpy(t)][:, None, :] - a[index]).norm(dim=2)
+            for start in range(0, t.size - span + 1, span):
+                best = int(dist[start : start + span].mean(0).argmin()) - SHIFTS
                 exact += best == 0
                 near += abs(best) <= 1
                 total += 1
@@ -166,75 +193,117 @@ def validation_identities(identities: list[str], every: int) -> set[str]:
     return set(identities[::every])
 
 
+def freeze_encoders(model: SyncNetLiteModel) -> None:
+    """Encoders in eval mode with no gradients: only the heads learn."""
+    for encoder in (model.visual, model.audio):
+        encoder.eval()
+        for parameter in encoder.parameters():
+            parameter.requires_grad_(False)
+
+
 def train(args: argparse.Namespace) -> dict[str, object]:
-    """Train; select on held-out *train* identities (the test split is only for the report)."""
+    """Compute features, train the heads, keep the best on held-out train identities, export."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
+    model = SyncNetLiteModel()
+    model.visual, model.audio = load_light_asd_encoders(args.light_asd)
+    freeze_encoders(model)
+    started = time.perf_counter()
     cached = load_split(args.cache, "train")
-    held_out = validation_identities(sorted({c.identity for c in cached}), args.val_every)
-    train_clips = [w for c in cached if c.identity not in held_out if (w := clip_windows(c))]
-    val_clips = [w for c in cached if c.identity in held_out if (w := clip_windows(c))]
+    features = [f for c in cached if (f := clip_features(c, model.visual, model.audio))]
+    print(f"features of {len(features)} clips in {time.perf_counter() - started:.0f} s", flush=True)
+    held_out = validation_identities(sorted({f.identity for f in features}), args.val_every)
+    train_clips = [f for f in features if f.identity not in held_out and f.windows().size]
+    val_clips = [f for f in features if f.identity in held_out]
     sampler = Sampler(train_clips, args.seed)
     print(
         f"train: {len(train_clips)} clips, {len(sampler)} windows; "
-        f"validation: {len(val_clips)} clips of {len(held_out)} train identities"
+        f"validation: {len(val_clips)} clips of {len(held_out)} train identities",
+        flush=True,
     )
-    model = SyncNetLiteModel()
+    heads = [*model.video_head.parameters(), *model.audio_head.parameters()]
     scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
-    params = [*model.parameters(), scale]
-    optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * (len(sampler) // args.batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, args.lr, total_steps=max(steps, 1))
+    optimiser = torch.optim.AdamW([*heads, scale], lr=args.lr, weight_decay=args.weight_decay)
     history: list[dict[str, float]] = []
-    best = -1.0
+    best, best_state = -1.0, None
+    losses: list[float] = []
+    accuracies: list[float] = []
+    for step in range(1, args.steps + 1):
+        video, audio = sampler.batch(args.batch)
+        video = augment(video, generator)
+        audio = augment(audio, generator)
+        loss, accuracy = loss_and_accuracy(model, video, audio, scale.exp())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        accuracies.append(accuracy)
+        if step % args.eval_every == 0 or step == args.steps:
+            held = evaluate(model, val_clips)
+            record = {
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "train_top1": float(np.mean(accuracies)),
+                "val_1s_exact": held["exact"],
+                "val_1s_within_1": held["within_1"],
+                "val_spans": held["spans"],
+                "seconds": time.perf_counter() - started,
+            }
+            losses, accuracies = [], []
+            history.append(record)
+            print(json.dumps(record), flush=True)
+            if held["within_1"] > best:
+                best = held["within_1"]
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
     args.out.mkdir(parents=True, exist_ok=True)
-    for epoch in range(args.epochs):
-        started, losses, accs = time.perf_counter(), [], []
-        for picks in sampler.epoch(args.batch):
-            video, audio = sampler.tensors(picks)
-            video = augment_video(video, generator)
-            audio = augment_audio(audio.flatten(0, 1), generator).view(audio.shape)
-            loss, acc = loss_and_accuracy(model, video, audio, scale.exp())
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            losses.append(float(loss))
-            accs.append(acc)
-        held = evaluate(model, val_clips)
-        record = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            "train_top1": float(np.mean(accs)),
-            "val_1s_exact": held["exact"],
-            "val_1s_within_1": held["within_1"],
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        print(json.dumps(record), flush=True)
-        if held["within_1"] >= best:
-            best = held["within_1"]
-            torch.save(model.state_dict(), args.out / "syncnet_lite.pt")
-    summary = {"seed": args.seed, "epochs": args.epochs, "history": history, "best": best}
+    torch.save(model.state_dict(), args.out / "syncnet_lite.pt")
+    export(model, args.out)
+    summary = {
+        "seed": args.seed,
+        "steps": args.steps,
+        "light_asd": Path(args.light_asd).name,
+        "train_clips": [c.name for c in train_clips],
+        "validation_clips": [c.name for c in val_clips],
+        "history": history,
+        "best_val_1s_within_1": best,
+    }
     (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def export(model: SyncNetLiteModel, out: Path) -> None:
+    """``video.onnx`` and ``audio.onnx`` in ``out``."""
+    from engine.models.export import export_towers
+    from engine.models.spec import SYNCNET_LITE
+
+    paths = export_towers(model, SYNCNET_LITE, out)
+    for tower, path in paths.items():
+        path.replace(out / f"{tower}.onnx")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True, help="from pipelines.sync_data")
+    parser.add_argument("--light-asd", type=Path, required=True, help="Light-ASD .model file")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument(
         "--val-every", type=int, default=6, help="every n-th train identity validates"
     )
     args = parser.parse_args(argv)
+    if not args.light_asd.is_file():
+        print(f"no Light-ASD checkpoint at {args.light_asd}", file=sys.stderr)
+        return 2
     train(args)
     return 0
 

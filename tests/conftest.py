@@ -196,3 +196,28 @@ def single_face_clips() -> list[Path]:
             for row in csv.DictReader(handle)
             if row["faces"].startswith("single")
         ]
+
+
+def remux(video_from: Path, audio_from: Path, out: Path, *, audio_delay_s: float = 0.0) -> Path:
+    """Copy the video stream of one file and the audio stream of another (maybe the same) into
+    ``out`` without re-encoding, the audio's timestamps moved ``audio_delay_s`` later."""
+    with (
+        av.open(str(video_from)) as vin,
+        av.open(str(audio_from)) as ain,
+        av.open(str(out), "w") as dst,
+    ):
+        vsrc, asrc = vin.streams.video[0], ain.streams.audio[0]
+        vdst = dst.add_stream_from_template(vsrc)
+        adst = dst.add_stream_from_template(asrc)
+        assert asrc.time_base is not None
+        delay = int(round(audio_delay_s / float(asrc.time_base)))
+        for source, target, shift in ((vin, vdst, 0), (ain, adst, delay)):
+            stream = source.streams.video[0] if target is vdst else source.streams.audio[0]
+            for packet in source.demux(stream):
+                if packet.dts is None:
+                    continue
+                packet.pts = None if packet.pts is None else packet.pts + shift
+                packet.dts += shift
+                packet.stream = target
+                dst.mux(packet)
+    return out

@@ -241,3 +241,87 @@ def test_bad_shapes_and_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
         estimate_sync(video, audio, fps=0.0)
     assert estimate_sync(video, audio, max_shift=np.int64(2)).max_shift == 2  # type: ignore[arg-type]
+
+
+# --- chunks for chunk models (SyncNet-lite) ------------------------------------------------
+
+
+def test_chunks_cover_every_window_with_context_and_edge_padding() -> None:
+    from engine.analysis.windows import chunk_windows
+
+    frames = np.arange(100, dtype=np.int64)[:, None]  # frame i holds i
+    mfcc = np.arange(500, dtype=np.float32)[:, None].repeat(13, axis=1)  # step j holds j
+    chunks = chunk_windows(frames, mfcc, 10, 42, 60, chunk=48, context=6)
+    assert chunks.video.shape == (2, 64, 1) and chunks.audio.shape == (2, 13, 256)
+    # chunk 0: 6 context frames before the run repeat its first frame, then window 0 starts
+    assert chunks.video[0, :7, 0].tolist() == [10] * 7 and chunks.video[0, 7, 0] == 11
+    # chunk 1 starts 48 windows later, minus the context
+    assert chunks.video[1, 0, 0] == 10 + 48 - 6
+    # after the run's last frame (window 59 ends at frame 73) the last frame repeats
+    assert chunks.video[1, -1, 0] == 73 and chunks.video[1, 21, 0] == 73
+    # MFCC: 4 steps a frame, in step with the frames, real sound before the run
+    assert chunks.audio[0, 0, 0] == 42 - 24 and chunks.audio[0, 0, 24] == 42
+    assert chunks.audio[1, 0, 24] == 42 + 4 * 48
+    # steps past the end of the MFCC repeat the last one
+    late = chunk_windows(frames, mfcc[:300], 10, 250, 60, chunk=48, context=6)
+    assert late.audio[1].max() == 299
+
+
+def test_chunk_model_windows_equal_whole_sequence_windows() -> None:
+    """Chunked inference gives the embeddings of one pass over the whole run (inner windows)."""
+    import torch
+
+    from engine.analysis.windows import chunk_windows
+    from engine.models.syncnet_lite import SyncNetLiteModel
+
+    torch.manual_seed(0)
+    model = SyncNetLiteModel().eval()
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (120, 112, 112), dtype=np.uint8)
+    mfcc = rng.standard_normal((600, 13)).astype(np.float32) * 5
+    windows = 116 - 12  # every window with 6 frames of real context on both sides
+    chunks = chunk_windows(frames, mfcc, 6, 24, windows, chunk=48, context=6)
+    with torch.inference_mode():
+        video = model.forward_video(torch.from_numpy(chunks.video / np.float32(255)))
+        audio = model.forward_audio(torch.from_numpy(chunks.audio)[:, None])
+        whole_v = model.video_head(model.visual(torch.from_numpy(frames / np.float32(255))[None]))
+        whole_a = model.audio_head(model.audio(torch.from_numpy(mfcc.T.copy())[None, None]))
+    inner = slice(6, windows - 6)  # windows whose context lies inside the run
+    got_v = video.reshape(-1, 256)[:windows][inner]
+    got_a = audio.reshape(-1, 256)[:windows][inner]
+    np.testing.assert_allclose(got_v, whole_v[0, 6 : 6 + windows][inner], atol=1e-4)
+    np.testing.assert_allclose(got_a, whole_a[0, 6 : 6 + windows][inner], atol=1e-4)
+
+
+def test_audio_around_the_run_replaces_the_zero_padding() -> None:
+    rng = np.random.default_rng(3)
+    video = rng.standard_normal((40, 8))
+    audio = rng.standard_normal((40 + 5 + 15, 8))  # 5 rows before the run, 15 after
+    got = estimate_sync(video, audio, max_shift=15, audio_lead=5)
+    padded = np.zeros((40 + 30, 8))
+    padded[10 : 10 + audio.shape[0]] = audio  # row 5 of audio pairs with video row 0
+    direct = np.array(
+        [[np.linalg.norm(video[i] - padded[i + j] + 1e-6) for j in range(31)] for i in range(40)]
+    )
+    np.testing.assert_allclose(got.mean_dists, direct.mean(axis=0), rtol=1e-12)
+    # without context, the same call is syncnet_python's (zeros outside the run)
+    plain = estimate_sync(video, audio[5:45], max_shift=15)
+    assert not np.allclose(plain.mean_dists, got.mean_dists)
+    with pytest.raises(ValueError, match="differ in shape"):
+        estimate_sync(video, audio, max_shift=15, audio_lead=16)
+    with pytest.raises(ValueError, match="after the run"):
+        estimate_sync(video, audio, max_shift=15, audio_lead=0)
+
+
+def test_windows_pair_with_the_nearest_mfcc_frame_when_audio_is_off_the_grid() -> None:
+    from engine.analysis.windows import pair_windows
+
+    pts = np.arange(30, dtype=np.int64) * 40_000_000
+    mfcc = np.arange(200, dtype=np.float32)[:, None].repeat(13, axis=1)
+    on = pair_windows(pts, mfcc, 0)
+    assert on.starts.tolist() == list(range(26)) and on.steps[:3].tolist() == [0, 4, 8]
+    # audio starting 96.009 ms in (a re-muxed AAC stream): frame 3 (120 ms) pairs with step 2
+    late = pair_windows(pts, mfcc, 96_009_000)
+    assert late.starts[0] == 3 and late.steps[0] == 2
+    np.testing.assert_array_equal(late.audio[0], mfcc[2:22].T)
+    assert np.all(np.diff(late.steps) == 4)

@@ -30,7 +30,12 @@ from engine.models.spec import SYNCNET_LITE, SYNCNET_V2
 from engine.models.syncnet_lite import SyncNetLiteModel
 from engine.models.syncnet_v2 import SyncNetV2Model
 from pipelines.sync import SyncRunner
-from tests.conftest import REPO, clip
+from tests.conftest import REPO, clip, remux
+
+SYNC_CLIP = "mimictalk/German_20s.mp4"
+"""A test-split clip (an identity never trained on): 20 s, one face, speech throughout."""
+FOREIGN_CLIP = "dfrf/cnn2_25fps.mp4"
+"""Another test-split clip whose audio stands in for someone else speaking."""
 
 TRACK_KEYS = {"track_id", "offset_frames", "offset_ms", "confidence", "min_dist", "frames", "box"}
 
@@ -107,7 +112,7 @@ def test_models_lists_both_with_where_and_how(no_models: dict[str, str]) -> None
     assert v2["source"] == "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"
     assert v2["git_blob_sha1"] == "d714bbf3b30324ced69e3815fc41ae6dc519303c"
     lite = models["syncnet-lite"]
-    assert lite["embedding_size"] == 256 and lite["mfcc_preset"] == "hamming"
+    assert lite["embedding_size"] == 256 and lite["mfcc_preset"] == "syncnet"
     assert "engine/models/weights/syncnet_lite" in lite["looked_for"][0]
 
     text = talkscope("models", env=no_models)
@@ -199,10 +204,10 @@ def test_a_failing_model_fails_each_file_with_one_line_and_exit_1(
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(weights_dir / "lite_onnx" / "syncnet_lite_audio.onnx", broken / "audio.onnx")
-    video = helper.make_tensor_value_info("video", TensorProto.FLOAT, ["batch", 5, 48, 96])
+    video = helper.make_tensor_value_info("faces", TensorProto.FLOAT, ["batch", 64, 112, 112])
     total = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [])
     graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["video"], ["embedding"], keepdims=0)],
+        [helper.make_node("ReduceSum", ["faces"], ["embedding"], keepdims=0)],
         "sum",
         [video],
         [total],
@@ -223,7 +228,8 @@ async def test_nan_embeddings_give_a_reason_not_a_crash(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SyncNetLiteModel()
     state = model.state_dict()
-    state["video_head.3.bias"] = torch.full_like(state["video_head.3.bias"], float("nan"))
+    bias = "video_head.project.bias"
+    state[bias] = torch.full_like(state[bias], float("nan"))
     torch.save(state, tmp_path / "nan.pt")
     resolved = resolve_weights("syncnet-lite", tmp_path / "nan.pt")
     backends = tower_backends(resolved, backend="torch")
@@ -294,11 +300,13 @@ def test_model_inputs_layouts() -> None:
     # channel 0 is blue: the last RGB channel, unscaled
     np.testing.assert_array_equal(video[1, 0, 3], faces[1, 3, :, :, 2].astype(np.float32))
     np.testing.assert_array_equal(video[1, 2, 3], faces[1, 3, :, :, 0].astype(np.float32))
-    mouths = rng.integers(0, 256, (3, 5, 48, 96), dtype=np.uint8)
-    grey = video_input(SYNCNET_LITE, mouths)
-    assert grey.shape == (3, 5, 48, 96) and float(grey.max()) <= 1.0
-    np.testing.assert_allclose(grey * 255, mouths, atol=1e-4)
-    assert audio_input(SYNCNET_LITE, np.zeros((4, 13, 20), np.float32)).shape == (4, 1, 13, 20)
+    chunks = rng.integers(0, 256, (3, 64, 112, 112), dtype=np.uint8)
+    grey = video_input(SYNCNET_LITE, chunks)
+    assert grey.shape == (3, 64, 112, 112) and float(grey.max()) <= 1.0
+    np.testing.assert_allclose(grey * 255, chunks, atol=1e-4)
+    mfcc = np.zeros((4, 13, 256), np.float32)
+    assert audio_input(SYNCNET_LITE, mfcc).shape == (4, 1, 13, 256)
+    assert audio_input(SYNCNET_V2, mfcc[..., :20]).shape == (4, 1, 13, 20)
     with pytest.raises(ValueError, match="must be"):
         video_input(SYNCNET_LITE, faces)
 
@@ -318,12 +326,13 @@ async def test_files_share_batches_and_short_tracks_get_a_reason(weights_dir: Pa
     async with SyncRunner(SYNCNET_LITE, backends) as runner:
         for uri in files:
             alone.append(await runner.analyse_file(uri))
-    # A batch of 140 that only runs when full (or after 30 s): both files' windows in one batch.
-    async with SyncRunner(SYNCNET_LITE, backends, max_batch=140, max_wait_ms=30_000) as shared:
+    # A batch of 4 chunks that only runs when full (or after 30 s): each file's 70 windows are
+    # 2 chunks of 48, so both files' windows go in one batch.
+    async with SyncRunner(SYNCNET_LITE, backends, max_batch=4, max_wait_ms=30_000) as shared:
         reports = await asyncio.gather(*(shared.analyse_file(uri) for uri in files))
         stats = shared.stats
     assert stats["video"].batches == stats["audio"].batches == 1
-    assert stats["video"].items == 140 and shared.progress.windows_done == 140
+    assert stats["video"].items == 4 and shared.progress.windows_done == 140
     for report, single in zip(reports, alone, strict=True):  # each file got its own rows back
         (track,), (expected,) = report.tracks, single.tracks
         assert report.source == single.source and track.offset_frames == expected.offset_frames
@@ -335,3 +344,20 @@ async def test_files_share_batches_and_short_tracks_get_a_reason(weights_dir: Pa
     assert track.offset_frames is None and track.confidence is None and track.frames == 70
     assert track.reason is not None and "71 needed" in track.reason
     assert set(track.to_json()) == TRACK_KEYS | {"reason"}
+
+
+@pytest.mark.slow
+def test_default_model_reads_a_120_ms_audio_delay_as_minus_3_frames(tmp_path: Path) -> None:
+    """The shipped weights, no flags: a real file re-muxed with its audio 120 ms late reads
+    about -3 frames, with more confidence than the same pictures with another clip's audio."""
+    if loading.installed_weights(SYNCNET_LITE) is None:
+        pytest.skip("no trained syncnet-lite weights are installed")
+    video = clip(SYNC_CLIP)
+    delayed = remux(video, video, tmp_path / "delayed.mp4", audio_delay_s=0.12)
+    foreign = remux(video, clip(FOREIGN_CLIP), tmp_path / "foreign.mp4")
+    result = talkscope("sync", "--json", str(delayed), str(foreign))
+    assert result.returncode == 0, result.stderr
+    late, other = (max(line["tracks"], key=lambda t: t["frames"]) for line in json_lines(result))
+    assert abs(late["offset_frames"] + 3) <= 1, late
+    assert late["offset_ms"] == pytest.approx(40.0 * late["offset_frames"])
+    assert late["confidence"] > other["confidence"], (late, other)

@@ -80,7 +80,7 @@ class SyncEstimate:
 
 
 def _check_embeddings(
-    video_emb: npt.ArrayLike, audio_emb: npt.ArrayLike, max_shift: int
+    video_emb: npt.ArrayLike, audio_emb: npt.ArrayLike, max_shift: int, audio_lead: int = 0
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], int]:
     if isinstance(max_shift, bool) or not isinstance(max_shift, int | np.integer):
         raise TypeError(f"max_shift must be an int, got {type(max_shift).__name__}")
@@ -93,10 +93,14 @@ def _check_embeddings(
         raise ValueError(
             f"embeddings must be (frames, dim), got video {video.shape} and audio {audio.shape}"
         )
-    if video.shape != audio.shape:
+    extra = audio.shape[0] - video.shape[0]
+    if video.shape[1] != audio.shape[1] or not 0 <= audio_lead <= min(extra, shift):
         raise ValueError(
-            f"video and audio embeddings differ in shape: {video.shape} vs {audio.shape}"
+            f"video and audio embeddings differ in shape: {video.shape} vs {audio.shape} "
+            f"(audio_lead {audio_lead}, max_shift {shift})"
         )
+    if extra - audio_lead > shift:
+        raise ValueError(f"audio has {extra - audio_lead} rows after the run; at most {shift}")
     if video.shape[0] == 0 or video.shape[1] == 0:
         raise ValueError(f"embeddings are empty: {video.shape}")
     if not (np.isfinite(video).all() and np.isfinite(audio).all()):
@@ -131,12 +135,16 @@ def pairwise_shift_distances(
 
 
 def _shift_distances(
-    video: npt.NDArray[np.float64], audio: npt.NDArray[np.float64], max_shift: int
+    video: npt.NDArray[np.float64],
+    audio: npt.NDArray[np.float64],
+    max_shift: int,
+    audio_lead: int = 0,
 ) -> npt.NDArray[np.float64]:
     frames, dim = video.shape
     width = 2 * max_shift + 1
     padded = np.zeros((frames + 2 * max_shift, dim), dtype=np.float64)
-    padded[max_shift : max_shift + frames] = audio
+    start = max_shift - audio_lead
+    padded[start : start + audio.shape[0]] = audio
     # One (frames, dim) difference per shift keeps memory at O(frames * dim), where broadcasting
     # all shifts at once would need width times that (GBs for a long clip at dim 1024).
     dists = np.empty((frames, width), dtype=np.float64)
@@ -181,8 +189,18 @@ def estimate_sync(
     *,
     max_shift: int = DEFAULT_MAX_SHIFT,
     fps: float = 25.0,
+    audio_lead: int = 0,
 ) -> SyncEstimate:
     """Estimate the audio-video offset and the sync scores over a run of frames.
+
+    With ``audio_emb`` as long as ``video_emb`` and ``audio_lead=0`` this is syncnet_python's
+    computation exactly: shifts that reach past the run compare with zero vectors. A caller that
+    has the sound around the run passes it instead: ``audio_emb`` may hold up to ``max_shift``
+    extra rows on each side, ``audio_lead`` of them before the row that pairs with
+    ``video_emb[0]``; only shifts that reach past those read zeros. That matters for models
+    whose embeddings are unit vectors (SyncNet-lite): a zero vector is closer to any of them
+    than a typical mismatched embedding, so zero padding would pull short runs towards large
+    shifts.
 
     Sign: a positive ``offset_frames`` means the sound comes before the lips (audio leads), the
     sign of syncnet_python's "AV offset", ITU-R BT.1359 and EBU R37. If ``audio_emb[i + k]`` is
@@ -191,9 +209,10 @@ def estimate_sync(
 
     Args:
         video_emb: ``(frames, dim)`` lip embeddings, one per video frame.
-        audio_emb: ``(frames, dim)`` audio embeddings on the same frame grid.
+        audio_emb: ``(frames + extra, dim)`` audio embeddings on the same frame grid.
         max_shift: shifts searched on each side, in frames; at least 0.
         fps: video frame rate, for ``offset_ms``; positive.
+        audio_lead: rows of ``audio_emb`` before the one that pairs with ``video_emb[0]``.
 
     Returns:
         The estimate; ties between shifts resolve to the first column (the most positive
@@ -206,8 +225,8 @@ def estimate_sync(
     """
     if not (fps > 0 and np.isfinite(fps)):
         raise ValueError(f"fps must be positive, got {fps}")
-    video, audio, shift = _check_embeddings(video_emb, audio_emb, max_shift)
-    dists = _shift_distances(video, audio, shift)
+    video, audio, shift = _check_embeddings(video_emb, audio_emb, max_shift, audio_lead)
+    dists = _shift_distances(video, audio, shift, audio_lead)
     mean_dists = dists.mean(axis=0)
     best = int(np.argmin(mean_dists))
     min_dist = float(mean_dists[best])

@@ -27,11 +27,13 @@ class PairedWindows:
         starts: index (into the track's frames) of each window's first frame ``(n,)``.
         pts_ns: timestamp of each window's first frame ``(n,)``.
         audio: MFCC windows ``(n, 13, 20)`` float32 (cepstra × time, SyncNet's layout).
+        steps: index (into the MFCC frames) of each window's first MFCC step ``(n,)``.
     """
 
     starts: npt.NDArray[np.int64]
     pts_ns: npt.NDArray[np.int64]
     audio: npt.NDArray[np.float32]
+    steps: npt.NDArray[np.int64]
 
 
 def pair_windows(
@@ -66,15 +68,17 @@ def pair_windows(
     # consecutive frames only: the last frame of the window is (frames - 1) intervals later
     span = pts[starts + video_frames - 1] - pts[starts]
     steady = np.abs(span - (video_frames - 1) * frame_ns) <= frame_ns // 4
-    offset = pts[starts] - mfcc_start_ns
-    first = np.round(offset / hop_ns).astype(np.int64)
-    on_grid = np.abs(offset - first * hop_ns) <= hop_ns // 4
+    # the nearest MFCC frame: when the audio does not start on the video's 10 ms grid (an AAC
+    # stream starting 96.009 ms in, say), windows are paired to within half a hop, 5 ms
+    first = np.round((pts[starts] - mfcc_start_ns) / hop_ns).astype(np.int64)
     inside = (first >= 0) & (first + mfcc_steps <= mfcc.shape[0])
-    keep = starts[steady & on_grid & inside]
+    keep = starts[steady & inside]
     firsts = first[keep]
     index = firsts[:, None] + np.arange(mfcc_steps)[None, :]
     audio = np.asarray(mfcc, dtype=np.float32)[index].transpose(0, 2, 1)
-    return PairedWindows(starts=keep, pts_ns=pts[keep], audio=np.ascontiguousarray(audio))
+    return PairedWindows(
+        starts=keep, pts_ns=pts[keep], audio=np.ascontiguousarray(audio), steps=firsts
+    )
 
 
 def _empty(ceps: int, steps: int) -> PairedWindows:
@@ -82,6 +86,7 @@ def _empty(ceps: int, steps: int) -> PairedWindows:
         starts=np.zeros(0, dtype=np.int64),
         pts_ns=np.zeros(0, dtype=np.int64),
         audio=np.zeros((0, ceps, steps), dtype=np.float32),
+        steps=np.zeros(0, dtype=np.int64),
     )
 
 
@@ -107,3 +112,89 @@ def longest_run(starts: npt.NDArray[np.int64], pts_ns: npt.NDArray[np.int64]) ->
     bounds = np.concatenate(([0], breaks, [starts.size]))
     best = int(np.argmax(np.diff(bounds)))
     return slice(int(bounds[best]), int(bounds[best + 1]))
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A run of windows cut into the fixed-size chunks a chunk model's towers take.
+
+    Attributes:
+        video: ``(k, chunk_frames, *frame_shape)`` frames, context included.
+        audio: ``(k, 13, 4 * chunk_frames)`` MFCC steps over the same frames.
+        windows: windows in the run; the towers give ``k * chunk_windows`` embeddings, of which
+            the first ``windows`` are the run's.
+    """
+
+    video: npt.NDArray[np.generic]
+    audio: npt.NDArray[np.float32]
+    windows: int
+
+
+def chunk_windows(
+    frames: npt.NDArray[np.generic],
+    mfcc: npt.NDArray[np.floating],
+    first_frame: int,
+    first_step: int,
+    windows: int,
+    *,
+    chunk: int,
+    context: int,
+    steps_per_frame: int = MFCC_STEPS // VIDEO_FRAMES,
+) -> Chunks:
+    """Cut ``windows`` consecutive windows into chunks of ``chunk`` windows with their context.
+
+    Chunk ``c`` holds frames ``first_frame + c * chunk - context`` onwards, ``chunk + 4 + 2 *
+    context`` of them, and the MFCC steps from ``first_step + 4 * (c * chunk - context)`` over
+    the same span. Frames before the run's first or after its last frame repeat the edge frame;
+    MFCC steps outside ``mfcc`` repeat the edge step (a chunk model's context then sees a still
+    picture and a steady sound rather than zeros it never saw in training).
+
+    Args:
+        frames: the track's frames ``(T, ...)``.
+        mfcc: the stream's MFCC ``(N, 13)``.
+        first_frame: index of the run's first window's first frame in ``frames``.
+        first_step: index of that window's first MFCC step in ``mfcc``.
+        windows: windows in the run (consecutive frames, consecutive 4-step MFCC offsets).
+        chunk: windows per chunk.
+        context: frames of context on each side.
+        steps_per_frame: MFCC steps per video frame.
+    """
+    video = frame_chunks(frames, first_frame, windows, chunk=chunk, context=context)
+    audio = mfcc_chunks(
+        mfcc, first_step, windows, chunk=chunk, context=context, steps_per_frame=steps_per_frame
+    )
+    return Chunks(video, audio, windows)
+
+
+def frame_chunks(
+    frames: npt.NDArray[np.generic], first_frame: int, windows: int, *, chunk: int, context: int
+) -> npt.NDArray[np.generic]:
+    """The video half of :func:`chunk_windows`: ``(k, chunk + 4 + 2 * context, *frame_shape)``."""
+    span = chunk + VIDEO_FRAMES - 1 + 2 * context
+    count = -(-windows // chunk)
+    last_frame = first_frame + windows + VIDEO_FRAMES - 2
+    offsets = np.arange(count)[:, None] * chunk - context + np.arange(span)[None, :]
+    frame_index = np.clip(first_frame + offsets, first_frame, last_frame)
+    return np.ascontiguousarray(frames[frame_index])
+
+
+def mfcc_chunks(
+    mfcc: npt.NDArray[np.floating],
+    first_step: int,
+    windows: int,
+    *,
+    chunk: int,
+    context: int,
+    steps_per_frame: int = MFCC_STEPS // VIDEO_FRAMES,
+) -> npt.NDArray[np.float32]:
+    """The audio half of :func:`chunk_windows`: ``(k, 13, 4 * (chunk + 4 + 2 * context))``."""
+    span = chunk + VIDEO_FRAMES - 1 + 2 * context
+    count = -(-windows // chunk)
+    step_offsets = (
+        np.arange(count)[:, None] * chunk * steps_per_frame
+        - context * steps_per_frame
+        + np.arange(span * steps_per_frame)[None, :]
+    )
+    step_index = np.clip(first_step + step_offsets, 0, mfcc.shape[0] - 1)
+    audio = np.asarray(mfcc, dtype=np.float32)[step_index].transpose(0, 2, 1)
+    return np.ascontiguousarray(audio)

@@ -8,8 +8,8 @@ Models:
 
 - ``syncnet_v2``: SyncNet v2 (Chung & Zisserman, "Out of time: automated lip sync in the wild",
   ACCV workshops 2016), the network of joonson/syncnet_python, on 224 x 224 BGR face crops.
-- ``syncnet_lite``: talkscope's compact real-time model on 48 x 96 grey mouth crops; not trained
-  yet, so it has no weights.
+- ``syncnet_lite``: talkscope's compact model, Light-ASD's encoders (MIT) with trained sync heads,
+  shipped in the package (``engine/models/weights/syncnet_lite/``).
 
 Getting the SyncNet v2 weights
 ------------------------------

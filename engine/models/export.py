@@ -135,6 +135,7 @@ def export_towers(
                 _export_legacy(module, tower_spec, path, opset)
             else:
                 _export_dynamo(module, tower_spec, path, opset)
+            _pin_output_shape(path, tower_spec)
             try:
                 onnx.checker.check_model(str(path), full_check=True)
             except onnx.checker.ValidationError as error:
@@ -204,6 +205,27 @@ def _export_dynamo(module: nn.Module, tower: TowerSpec, path: Path, opset: int) 
     if program is None:
         raise EngineError(f"ONNX export of the {tower.tower} tower returned no program")
     program.save(str(path), external_data=False)
+
+
+def _pin_output_shape(path: Path, tower: TowerSpec) -> None:
+    """Write the spec's sizes into output axes the exporter left symbolic (all but the batch).
+
+    The legacy exporter names every axis of an output it cannot size while tracing with a
+    dynamic batch, e.g. after a reshape; the sizes are the spec's, fixed by the input's.
+    """
+    import onnx
+
+    graph_model = onnx.load(str(path), load_external_data=False)
+    dims = graph_model.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) != len(tower.output.shape) + 1:
+        return  # _check_signature reports it
+    changed = False
+    for dim, size in zip(list(dims)[1:], tower.output.shape, strict=True):
+        if dim.HasField("dim_param"):
+            dim.dim_value = size
+            changed = True
+    if changed:
+        onnx.save(graph_model, str(path))
 
 
 def _check_signature(graph_model: object, tower: TowerSpec, path: Path) -> None:

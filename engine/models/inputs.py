@@ -1,7 +1,7 @@
 """From crops and MFCC windows as the front-end keeps them to the arrays a model tower takes.
 
-The front-end keeps crops as uint8 (RGB face crops ``(224, 224, 3)``, grey mouth crops
-``(48, 96)``) and MFCC windows as ``(13, 20)`` float32; each model wants its own layout, range and
+The front-end keeps crops as uint8 (RGB face crops ``(224, 224, 3)``, grey 112×112 face crops)
+and MFCC windows as ``(13, steps)`` float32; each model wants its own layout, range and
 channel order (see :data:`~engine.models.spec.SYNCNET_V2` and
 :data:`~engine.models.spec.SYNCNET_LITE`).
 These functions do that conversion for a whole batch at once. Batchers queue the uint8 windows
@@ -20,14 +20,14 @@ import numpy.typing as npt
 from engine.core.errors import UsageError
 from engine.models.spec import ModelSpec
 
-CropKind = Literal["face", "mouth"]
+CropKind = Literal["face", "face112"]
 """Which crop of a track a model's video tower looks at."""
 
-_CROPS: dict[str, CropKind] = {"syncnet_v2": "face", "syncnet_lite": "mouth"}
+_CROPS: dict[str, CropKind] = {"syncnet_v2": "face", "syncnet_lite": "face112"}
 
 
 def crop_kind(spec: ModelSpec) -> CropKind:
-    """The crop the model's video tower takes: ``"face"`` (224×224 RGB) or ``"mouth"`` (48×96).
+    """The crop the model's video tower takes: ``"face"`` (224×224 RGB) or ``"face112"`` (grey).
 
     Raises:
         UsageError: a model talkscope does not know how to feed.
@@ -44,12 +44,12 @@ def video_input(spec: ModelSpec, windows: npt.NDArray[np.uint8]) -> npt.NDArray[
     Args:
         spec: the model.
         windows: ``(batch, 5, 224, 224, 3)`` RGB face crops for ``syncnet_v2``, or
-            ``(batch, 5, 48, 96)`` grey mouth crops for ``syncnet_lite``; uint8, oldest frame
+            ``(batch, 64, 112, 112)`` grey face chunks for ``syncnet_lite``; uint8, oldest frame
             first.
 
     Returns:
         ``syncnet_v2``: ``(batch, 3, 5, 224, 224)`` BGR, values 0..255 (as syncnet_python feeds
-        ``cv2`` images); ``syncnet_lite``: ``(batch, 5, 48, 96)`` values 0..1. float32,
+        ``cv2`` images); ``syncnet_lite``: ``(batch, 64, 112, 112)`` values 0..1. float32,
         C-contiguous.
 
     Raises:
@@ -77,10 +77,11 @@ def audio_input(spec: ModelSpec, windows: npt.NDArray[np.float32]) -> npt.NDArra
 
     Args:
         spec: the model (its MFCC preset must be the one the windows were computed with).
-        windows: ``(batch, 13, 20)`` MFCC windows, cepstra × steps, float32.
+        windows: ``(batch, 13, steps)`` MFCC windows, cepstra × steps (20 for SyncNet v2, 256
+            for a SyncNet-lite chunk), float32.
 
     Returns:
-        ``(batch, 1, 13, 20)`` float32, C-contiguous.
+        ``(batch, 1, 13, steps)`` float32, C-contiguous.
 
     Raises:
         ValueError: ``windows`` does not have the model's shape.
@@ -97,7 +98,7 @@ def audio_input(spec: ModelSpec, windows: npt.NDArray[np.float32]) -> npt.NDArra
 def crop_window_shape(spec: ModelSpec) -> tuple[int, ...]:
     """The shape of one uint8 crop window as the front-end keeps it (the batcher queues these).
 
-    ``(5, 224, 224, 3)`` for ``syncnet_v2``, ``(5, 48, 96)`` for ``syncnet_lite``.
+    ``(5, 224, 224, 3)`` for ``syncnet_v2``, ``(64, 112, 112)`` for ``syncnet_lite``.
 
     Raises:
         UsageError: an unknown model.

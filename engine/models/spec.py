@@ -73,12 +73,29 @@ class WindowSpec:
         mfcc_steps: consecutive MFCC frames per window.
         mfcc_preset: name of the :data:`engine.dsp.mfcc.PRESETS` entry the audio tower expects.
         fps: the video frame rate the model was trained at.
+        chunk_windows: windows one tower call embeds per item: 1 for a window model (SyncNet
+            v2: one window in, one embedding out); more for a chunk model (SyncNet-lite), whose
+            towers take a run of consecutive frames and give one embedding per window in it.
+        context_frames: frames a chunk model needs on each side of its windows (its encoders
+            look that far); 0 for a window model.
     """
 
     video_frames: int = 5
     mfcc_steps: int = 20
     mfcc_preset: str = "syncnet"
     fps: int = 25
+    chunk_windows: int = 1
+    context_frames: int = 0
+
+    @property
+    def chunk_frames(self) -> int:
+        """Frames in one tower input: the windows, the window length and the context."""
+        return self.chunk_windows + self.video_frames - 1 + 2 * self.context_frames
+
+    @property
+    def is_chunked(self) -> bool:
+        """True for a chunk model (towers take runs of frames, not single windows)."""
+        return self.chunk_windows > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,36 +207,45 @@ SYNCNET_V2 = ModelSpec(
 
 SYNCNET_LITE = ModelSpec(
     name="syncnet_lite",
-    description="talkscope's compact real-time sync model on grey mouth crops (not trained yet)",
+    description=(
+        "talkscope's compact sync model: Light-ASD's encoders (MIT) with sync heads trained on "
+        "the train identities of the shared clips"
+    ),
     video=TowerSpec(
         tower="video",
         input=TensorSpec(
-            name="video",
-            shape=(5, 48, 96),
+            name="faces",
+            shape=(64, 112, 112),
             dtype="float32",
             layout=(
-                "(batch, 5 frames, 48 height, 96 width): grey mouth crops, uint8 / 255 so "
-                "values 0..1, oldest frame first; the model normalises inside"
+                "(batch, 64 frames, 112 height, 112 width): grey 112x112 centre face crops "
+                "(Light-ASD's), uint8 / 255 so values 0..1, oldest frame first; frames 0-5 and "
+                "58-63 are context, windows start at frames 6..53"
             ),
         ),
-        output=_embedding(256),
+        output=TensorSpec(
+            "embedding", (48, 256), "float32", "(batch, 48 windows, 256) raw embeddings"
+        ),
     ),
     audio=TowerSpec(
         tower="audio",
         input=TensorSpec(
             name="mfcc",
-            shape=(1, 13, 20),
+            shape=(1, 13, 256),
             dtype="float32",
             layout=(
-                "(batch, 1, 13 cepstra, 20 steps): MFCC of the 'hamming' preset (the 'syncnet' "
-                "one with a Hamming window) of 16 kHz int16-scaled audio, 10 ms hop, oldest step "
-                "first; the model normalises each cepstrum inside"
+                "(batch, 1, 13 cepstra, 256 steps): MFCC of the 'syncnet' preset over the same "
+                "64 frames (4 steps a frame, the first step at the first frame's time)"
             ),
         ),
-        output=_embedding(256),
+        output=TensorSpec(
+            "embedding", (48, 256), "float32", "(batch, 48 windows, 256) raw embeddings"
+        ),
     ),
     embedding_size=256,
-    window=WindowSpec(video_frames=5, mfcc_steps=20, mfcc_preset="hamming"),
+    window=WindowSpec(
+        video_frames=5, mfcc_steps=20, mfcc_preset="syncnet", chunk_windows=48, context_frames=6
+    ),
     weights=None,
 )
 

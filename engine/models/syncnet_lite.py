@@ -1,120 +1,93 @@
-"""SyncNet-lite: talkscope's compact real-time sync model (architecture only; trained later).
+"""SyncNet-lite: talkscope's compact sync model, Light-ASD's encoders plus trained sync heads.
 
-Same contract as SyncNet v2 (see :data:`engine.models.spec.SYNCNET_LITE`) at a fraction of the
-cost, so one CPU core keeps up with many streams:
+Contract (see :data:`engine.models.spec.SYNCNET_LITE`): one embedding per 5-frame / 20-MFCC-step
+window, as SyncNet, compared by Euclidean distance. The towers take *chunks* of a track rather
+than single windows, because their encoders look around each window:
 
-- video tower on ``(batch, 5, 48, 96)`` grey mouth crops, values 0..1 (``uint8 / 255``). The 5
-  frames are the input channels of a 2-D convolution stack (as Wav2Lip's SyncNet stacks them):
-  the first layer already sees the motion between frames, and 2-D convolutions are what every
-  ONNX runtime is fastest at. The model centres and scales the pixels itself
-  (``(x - 0.5) / 0.25``), so callers only divide by 255;
-- audio tower on ``(batch, 1, 13, 20)`` MFCC windows of the ``hamming`` preset. A
-  ``BatchNorm1d`` over the 13 cepstra normalises each one with statistics learned in training
-  (c0, the log energy, is an order of magnitude larger than the others).
+- video tower: ``(batch, 64, 112, 112)`` grey face crops (Light-ASD's 112×112 centre crop), values
+  0..1, oldest frame first -> Light-ASD's visual encoder (one 128-d feature per frame, each seeing
+  ±6 frames) -> a head over each 5 consecutive features -> ``(batch, 48, 256)``: the embeddings of
+  the 48 windows that start at frames 6..53 of the chunk (the first and last 6 frames are context);
+- audio tower: ``(batch, 1, 13, 256)`` MFCC steps of the ``syncnet`` preset covering the same 64
+  frames (4 steps a frame, the first step at the chunk's first frame) -> Light-ASD's audio encoder
+  (one 128-d feature per 4 steps) -> the same kind of head -> ``(batch, 48, 256)``.
 
-Both towers are stacks of Conv + BatchNorm + ReLU blocks, downsampled by strided convolutions,
-then flattened (not pooled: where in the window a lip movement or a sound happens is what sync is
-about) into a two-layer head. They give ``(batch, 256)`` raw embeddings, not normalised;
-distances are computed outside, Euclidean, as for SyncNet v2. 1.35 M parameters in all (video
-0.87 M, audio 0.47 M).
+Computed this way every frame goes through the visual encoder 64/48 times, instead of 5 times as
+5-frame windows each needing their own encoder pass would. The encoders come from the
+MIT-licensed Light-ASD checkpoint and stay frozen in training: the few minutes of video we train
+on teach only the heads (:mod:`pipelines.train_sync`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from engine.models.light_asd import FEATURES, AudioEncoder, VisualEncoder
 from engine.models.spec import SYNCNET_LITE
 
 EMBEDDING_SIZE = SYNCNET_LITE.embedding_size
-VIDEO_FRAMES, MOUTH_HEIGHT, MOUTH_WIDTH = SYNCNET_LITE.video.input.shape
-PIXEL_MEAN = 0.5
-"""Subtracted from the 0..1 grey values inside the video tower."""
-PIXEL_STD = 0.25
-"""Divides the centred grey values inside the video tower."""
+WINDOW_FRAMES = SYNCNET_LITE.window.video_frames
+CONTEXT_FRAMES = SYNCNET_LITE.window.context_frames
+CHUNK_WINDOWS = SYNCNET_LITE.window.chunk_windows
+CHUNK_FRAMES = SYNCNET_LITE.window.chunk_frames
+STEPS_PER_FRAME = SYNCNET_LITE.window.mfcc_steps // SYNCNET_LITE.window.video_frames
+HIDDEN = 512
 
 
-def _block(
-    c_in: int,
-    c_out: int,
-    kernel: int | tuple[int, int] = 3,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 1,
-) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, padding=padding, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
+class WindowHead(nn.Module):
+    """Per-frame features ``(batch, T, 128)`` -> window embeddings ``(batch, T - 4, 256)``.
 
+    A convolution over 5 consecutive features (one window) is a linear layer on the window's
+    flattened features; then BatchNorm, ReLU, dropout (training only), a 1×1 projection and an
+    L2 normalisation: embeddings are unit vectors, so the Euclidean distance the sync analysis
+    takes is a function of the cosine similarity the heads are trained on.
+    """
 
-def _head(features: int, hidden: int, size: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(features, hidden, bias=False),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, size),
-    )
+    def __init__(self, hidden: int = HIDDEN, size: int = EMBEDDING_SIZE) -> None:
+        super().__init__()
+        self.window = nn.Conv1d(FEATURES, hidden, WINDOW_FRAMES, bias=False)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(0.2)
+        self.project = nn.Conv1d(hidden, size, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(batch, T, 128)`` -> ``(batch, T - 4, size)``."""
+        x = self.relu(self.norm(self.window(features.transpose(1, 2))))
+        out: torch.Tensor = F.normalize(self.project(self.dropout(x)), dim=1).transpose(1, 2)
+        return out
 
 
 class SyncNetLiteModel(nn.Module):
-    """The two towers of SyncNet-lite.
+    """The two towers of SyncNet-lite. Call :meth:`eval` before inference."""
 
-    Call :meth:`eval` before inference (the heads hold ``BatchNorm1d`` layers).
-
-    Args:
-        embedding_size: outputs of each tower.
-    """
-
-    def __init__(self, embedding_size: int = EMBEDDING_SIZE) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.video_cnn = nn.Sequential(
-            _block(VIDEO_FRAMES, 32, stride=2),  # 24 x 48
-            _block(32, 64, stride=2),  # 12 x 24
-            _block(64, 64),
-            _block(64, 128, stride=2),  # 6 x 12
-            _block(128, 128),
-            _block(128, 192, stride=2),  # 3 x 6
-            _block(192, 64, kernel=1, padding=0),
-        )
-        self.video_head = _head(64 * 3 * 6, 256, embedding_size)
-        self.audio_norm = nn.BatchNorm1d(13)
-        self.audio_cnn = nn.Sequential(
-            _block(1, 32),  # 13 x 20
-            _block(32, 64, stride=(2, 1)),  # 7 x 20
-            _block(64, 128, stride=2),  # 4 x 10
-            _block(128, 128, stride=(1, 2)),  # 4 x 5: one column per video frame
-            _block(128, 32, kernel=1, padding=0),
-        )
-        self.audio_head = _head(32 * 4 * 5, 256, embedding_size)
+        self.visual = VisualEncoder()
+        self.audio = AudioEncoder()
+        self.video_head = WindowHead()
+        self.audio_head = WindowHead()
 
-    def forward_video(self, video: torch.Tensor) -> torch.Tensor:
-        """Video embeddings.
+    def forward_video(self, faces: torch.Tensor) -> torch.Tensor:
+        """``(batch, 64, 112, 112)`` grey faces 0..1 -> ``(batch, 48, 256)`` window embeddings.
 
-        Args:
-            video: ``(batch, 5, 48, 96)`` float32 grey mouth crops, 0..1, oldest frame first.
-
-        Returns:
-            ``(batch, embedding_size)`` raw embeddings.
+        Any chunk of ``T >= 17`` frames works in torch (``T - 16`` windows); the ONNX graph is
+        exported for the spec's 64.
         """
-        features: torch.Tensor = self.video_cnn((video - PIXEL_MEAN) * (1.0 / PIXEL_STD))
-        out: torch.Tensor = self.video_head(features.flatten(1))
+        features = self.visual(faces)
+        inner = features[:, CONTEXT_FRAMES:-CONTEXT_FRAMES]
+        out: torch.Tensor = self.video_head(inner)
         return out
 
     def forward_audio(self, mfcc: torch.Tensor) -> torch.Tensor:
-        """Audio embeddings.
-
-        Args:
-            mfcc: ``(batch, 1, 13, 20)`` float32 MFCC windows (``hamming`` preset).
-
-        Returns:
-            ``(batch, embedding_size)`` raw embeddings.
-        """
-        normalised: torch.Tensor = self.audio_norm(mfcc.flatten(1, 2))  # (batch, 13, 20)
-        features: torch.Tensor = self.audio_cnn(normalised.unsqueeze(1))
-        out: torch.Tensor = self.audio_head(features.flatten(1))
+        """``(batch, 1, 13, 256)`` MFCC -> ``(batch, 48, 256)`` window embeddings (any ``4 T``)."""
+        features = self.audio(mfcc)
+        inner = features[:, CONTEXT_FRAMES:-CONTEXT_FRAMES]
+        out: torch.Tensor = self.audio_head(inner)
         return out
 
-    def forward(self, video: torch.Tensor, mfcc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, faces: torch.Tensor, mfcc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers: ``(video embeddings, audio embeddings)``."""
-        return self.forward_video(video), self.forward_audio(mfcc)
+        return self.forward_video(faces), self.forward_audio(mfcc)
