@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 MACHINE = "2-core x86_64 VM shared with other jobs, no GPU"
@@ -31,3 +33,10 @@ def environment(packages: Iterable[str], **extra: Any) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """Write the JSON report (creating its folder) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")

@@ -21,12 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import datetime
 import gc
-import importlib.metadata
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -58,6 +54,7 @@ import python_speech_features as psf  # noqa: E402
 from python_speech_features import sigproc  # noqa: E402
 
 import engine.dsp  # noqa: E402
+from benchmarks._common import environment, write_report  # noqa: E402
 from engine.core.frame import FrameKind  # noqa: E402
 from engine.sources import FileSource  # noqa: E402
 
@@ -184,20 +181,6 @@ def parity(signal: npt.NDArray[np.int16]) -> float:
     return float(np.abs(ours - theirs).max())
 
 
-def environment() -> dict[str, Any]:
-    """Machine, interpreter and package versions."""
-    return {
-        "machine": MACHINE,
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": {name: importlib.metadata.version(name) for name in PACKAGES},
-        "threads": {name: os.environ[name] for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 def targets(medians: dict[str, float], stream_p99_us: float) -> dict[str, dict[str, Any]]:
     """The performance targets: measured value, limit and whether it holds."""
     ours = medians[OURS]
@@ -270,7 +253,11 @@ def run(clip: Path, repeats: int) -> dict[str, Any]:
         "streaming": streaming,
         "parity_max_abs_diff": parity(signal),
         "targets": targets(medians, streaming["mfcc_syncnet"]["p99_us"]),
-        "environment": environment(),
+        "environment": environment(
+            PACKAGES,
+            machine=MACHINE,
+            threads={n: os.environ[n] for n in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")},
+        ),
     }
 
 
@@ -287,9 +274,7 @@ def main() -> int:
     args = parse_args()
     report = run(args.clip, args.repeats)
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -19,11 +19,7 @@ Run from the repository root: ``python benchmarks/faces.py [--frames N] [--out P
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +38,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 
+from benchmarks._common import environment, write_report  # noqa: E402
 from engine.core.frame import NS_PER_S, Frame, video_frame  # noqa: E402
 from engine.vision.mediapipe import MediapipeFaceBackend  # noqa: E402
 from engine.vision.stage import FaceConfig, FaceCrops, FaceProcessor  # noqa: E402
@@ -166,25 +163,13 @@ def run(frame_count: int) -> dict[str, Any]:
     worst = max(c["ms_per_face"] for c in cases if c["size"] == "640x480")
     return {
         "question": __doc__.splitlines()[0] if __doc__ else "",
-        "environment": environment(),
+        "environment": environment(PACKAGES, machine=MACHINE),
         "cases": cases,
         "target": {
             "ms_per_face_640x480": TARGET_MS_PER_FACE,
             "worst_measured": worst,
             "met": worst <= TARGET_MS_PER_FACE,
         },
-    }
-
-
-def environment() -> dict[str, Any]:
-    """Machine, interpreter and package versions."""
-    return {
-        "machine": MACHINE,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": {name: importlib.metadata.version(name) for name in PACKAGES},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -225,9 +210,7 @@ def main() -> int:
         return 2
     report = run(args.frames)
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -41,13 +41,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import glob
-import importlib.metadata
-import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -58,6 +54,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._common import environment, write_report  # noqa: E402
 
 
 def _threads_from_argv() -> int:
@@ -408,28 +406,8 @@ def run() -> dict[str, Any]:
     return {
         "question": __doc__.splitlines()[0] if __doc__ else "",
         "weights": "seeded random (torch.manual_seed(0)), the same for every pipeline: speed only",
-        "environment": environment(),
+        "environment": environment(PACKAGES, machine=MACHINE, threads=THREADS),
         "cases": cases,
-    }
-
-
-def environment() -> dict[str, Any]:
-    """Machine, interpreter and package versions."""
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "machine": MACHINE,
-        "threads": THREADS,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "versions": versions,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -472,9 +450,7 @@ def main() -> int:
         print(f"benchmark needs ../shared/data/av: missing {CLIP}", file=sys.stderr)
         return 2
     report = run()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import numpy.typing as npt
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import environment  # noqa: E402
+from benchmarks._common import environment, write_report  # noqa: E402
 from engine.analysis.sync import estimate_sync  # noqa: E402
 from engine.analysis.windows import (  # noqa: E402
     frame_chunks,
@@ -382,9 +381,7 @@ def main() -> int:
         return 2
     report = run(args)
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -290,10 +290,11 @@ def _describe_faces(report: FacesReport) -> str:
 
 
 def expand_media_paths(paths: Sequence[str]) -> list[str]:
-    """Each path as given, except that a folder stands for its media files, sorted by name.
+    """Each path as given, except that a folder stands for its media files, sorted by path.
 
-    Only the folder itself is read (not its sub-folders); files are taken by suffix
-    (:data:`MEDIA_SUFFIXES`). Paths that are not folders are kept as they are (files, URLs).
+    Sub-folders are searched too (a dataset's clips are often grouped by source); files are
+    taken by suffix (:data:`MEDIA_SUFFIXES`), hidden ones skipped. Paths that are not folders
+    are kept as they are (files, URLs).
 
     Raises:
         UsageError: a folder holds no media file.
@@ -306,8 +307,10 @@ def expand_media_paths(paths: Sequence[str]) -> list[str]:
             continue
         media = sorted(
             str(child)
-            for child in folder.iterdir()
-            if child.is_file() and child.suffix.lower() in MEDIA_SUFFIXES
+            for child in folder.rglob("*")
+            if child.is_file()
+            and child.suffix.lower() in MEDIA_SUFFIXES
+            and not any(part.startswith(".") for part in child.relative_to(folder).parts)
         )
         if not media:
             raise UsageError(f"{text}: no media files in this folder")

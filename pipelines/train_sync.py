@@ -201,27 +201,19 @@ def freeze_encoders(model: SyncNetLiteModel) -> None:
             parameter.requires_grad_(False)
 
 
-def train(args: argparse.Namespace) -> dict[str, object]:
-    """Compute features, train the heads, keep the best on held-out train identities, export."""
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+def fit_heads(
+    model: SyncNetLiteModel,
+    sampler: Sampler,
+    val_clips: list[ClipFeatures],
+    args: argparse.Namespace,
+    started: float,
+) -> tuple[list[dict[str, float]], float]:
+    """Train the heads; leave ``model`` with the state that scored best on ``val_clips``.
+
+    Returns the validation history and the best 1 s within-±1 share. Deterministic given
+    ``args.seed`` and torch's global generator (dropout draws from it).
+    """
     generator = torch.Generator().manual_seed(args.seed)
-    model = SyncNetLiteModel()
-    model.visual, model.audio = load_light_asd_encoders(args.light_asd)
-    freeze_encoders(model)
-    started = time.perf_counter()
-    cached = load_split(args.cache, "train")
-    features = [f for c in cached if (f := clip_features(c, model.visual, model.audio))]
-    print(f"features of {len(features)} clips in {time.perf_counter() - started:.0f} s", flush=True)
-    held_out = validation_identities(sorted({f.identity for f in features}), args.val_every)
-    train_clips = [f for f in features if f.identity not in held_out and f.windows().size]
-    val_clips = [f for f in features if f.identity in held_out]
-    sampler = Sampler(train_clips, args.seed)
-    print(
-        f"train: {len(train_clips)} clips, {len(sampler)} windows; "
-        f"validation: {len(val_clips)} clips of {len(held_out)} train identities",
-        flush=True,
-    )
     heads = [*model.video_head.parameters(), *model.audio_head.parameters()]
     scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
     optimiser = torch.optim.AdamW([*heads, scale], lr=args.lr, weight_decay=args.weight_decay)
@@ -258,6 +250,30 @@ def train(args: argparse.Namespace) -> dict[str, object]:
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
     if best_state is not None:
         model.load_state_dict(best_state)
+    return history, best
+
+
+def train(args: argparse.Namespace) -> dict[str, object]:
+    """Compute features, train the heads, keep the best on held-out train identities, export."""
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    model = SyncNetLiteModel()
+    model.visual, model.audio = load_light_asd_encoders(args.light_asd)
+    freeze_encoders(model)
+    started = time.perf_counter()
+    cached = load_split(args.cache, "train")
+    features = [f for c in cached if (f := clip_features(c, model.visual, model.audio))]
+    print(f"features of {len(features)} clips in {time.perf_counter() - started:.0f} s", flush=True)
+    held_out = validation_identities(sorted({f.identity for f in features}), args.val_every)
+    train_clips = [f for f in features if f.identity not in held_out and f.windows().size]
+    val_clips = [f for f in features if f.identity in held_out]
+    sampler = Sampler(train_clips, args.seed)
+    print(
+        f"train: {len(train_clips)} clips, {len(sampler)} windows; "
+        f"validation: {len(val_clips)} clips of {len(held_out)} train identities",
+        flush=True,
+    )
+    history, best = fit_heads(model, sampler, val_clips, args, started)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out / "syncnet_lite.pt")
     export(model, args.out)
