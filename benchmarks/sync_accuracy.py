@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks._common import environment, write_report  # noqa: E402
 from engine.analysis.sync import estimate_sync  # noqa: E402
 from engine.analysis.windows import (  # noqa: E402
+    audio_window_range,
     frame_chunks,
     longest_run,
     mfcc_chunks,
@@ -110,8 +111,7 @@ def embed(
         return None
     window = spec.window
     chunk, context = window.chunk_windows, window.context_frames
-    low = -(int(steps[0]) // 4)
-    high = (clip.mfcc.shape[0] - 20 - int(steps[0])) // 4
+    low, high = audio_window_range(int(steps[0]), clip.mfcc.shape[0])
     positions = high - low + 1
     first_step = int(steps[0]) + 4 * low
     video = audio = np.zeros((max(starts.size, positions), 1), np.float32)

@@ -35,6 +35,7 @@ import numpy.typing as npt
 from engine.analysis.sync import DEFAULT_MAX_SHIFT, estimate_sync
 from engine.analysis.windows import (
     VIDEO_FRAMES,
+    audio_window_range,
     frame_chunks,
     longest_run,
     mfcc_chunks,
@@ -412,9 +413,14 @@ class SyncRunner:
             return video, audio, [1] * len(video), slice(0, len(audio))
         count, size, first_step = len(plan.starts), window.chunk_windows, int(plan.steps[0])
         steps_per_frame = window.mfcc_steps // window.video_frames
-        lead = min(self.max_shift, first_step // steps_per_frame)
-        last_start = (mfcc.shape[0] - window.mfcc_steps - first_step) // steps_per_frame
-        trail = max(0, min(self.max_shift, last_start - (count - 1)))
+        first, last = audio_window_range(
+            first_step,
+            mfcc.shape[0],
+            steps_per_frame=steps_per_frame,
+            mfcc_steps=window.mfcc_steps,
+        )
+        lead = min(self.max_shift, -first)
+        trail = max(0, min(self.max_shift, last - (count - 1)))
         faces = frame_chunks(
             crops, int(plan.starts[0]), count, chunk=size, context=window.context_frames
         )

@@ -247,31 +247,32 @@ def test_bad_shapes_and_arguments_are_refused() -> None:
 
 
 def test_chunks_cover_every_window_with_context_and_edge_padding() -> None:
-    from engine.analysis.windows import chunk_windows
+    from engine.analysis.windows import frame_chunks, mfcc_chunks
 
     frames = np.arange(100, dtype=np.int64)[:, None]  # frame i holds i
     mfcc = np.arange(500, dtype=np.float32)[:, None].repeat(13, axis=1)  # step j holds j
-    chunks = chunk_windows(frames, mfcc, 10, 42, 60, chunk=48, context=6)
-    assert chunks.video.shape == (2, 64, 1) and chunks.audio.shape == (2, 13, 256)
+    video = frame_chunks(frames, 10, 60, chunk=48, context=6)
+    audio = mfcc_chunks(mfcc, 42, 60, chunk=48, context=6)
+    assert video.shape == (2, 64, 1) and audio.shape == (2, 13, 256)
     # chunk 0: 6 context frames before the run repeat its first frame, then window 0 starts
-    assert chunks.video[0, :7, 0].tolist() == [10] * 7 and chunks.video[0, 7, 0] == 11
+    assert video[0, :7, 0].tolist() == [10] * 7 and video[0, 7, 0] == 11
     # chunk 1 starts 48 windows later, minus the context
-    assert chunks.video[1, 0, 0] == 10 + 48 - 6
+    assert video[1, 0, 0] == 10 + 48 - 6
     # after the run's last frame (window 59 ends at frame 73) the last frame repeats
-    assert chunks.video[1, -1, 0] == 73 and chunks.video[1, 21, 0] == 73
+    assert video[1, -1, 0] == 73 and video[1, 21, 0] == 73
     # MFCC: 4 steps a frame, in step with the frames, real sound before the run
-    assert chunks.audio[0, 0, 0] == 42 - 24 and chunks.audio[0, 0, 24] == 42
-    assert chunks.audio[1, 0, 24] == 42 + 4 * 48
+    assert audio[0, 0, 0] == 42 - 24 and audio[0, 0, 24] == 42
+    assert audio[1, 0, 24] == 42 + 4 * 48
     # steps past the end of the MFCC repeat the last one
-    late = chunk_windows(frames, mfcc[:300], 10, 250, 60, chunk=48, context=6)
-    assert late.audio[1].max() == 299
+    late = mfcc_chunks(mfcc[:300], 250, 60, chunk=48, context=6)
+    assert late[1].max() == 299
 
 
 def test_chunk_model_windows_equal_whole_sequence_windows() -> None:
     """Chunked inference gives the embeddings of one pass over the whole run (inner windows)."""
     import torch
 
-    from engine.analysis.windows import chunk_windows
+    from engine.analysis.windows import frame_chunks, mfcc_chunks
     from engine.models.syncnet_lite import SyncNetLiteModel
 
     torch.manual_seed(0)
@@ -280,10 +281,11 @@ def test_chunk_model_windows_equal_whole_sequence_windows() -> None:
     frames = rng.integers(0, 256, (120, 112, 112), dtype=np.uint8)
     mfcc = rng.standard_normal((600, 13)).astype(np.float32) * 5
     windows = 116 - 12  # every window with 6 frames of real context on both sides
-    chunks = chunk_windows(frames, mfcc, 6, 24, windows, chunk=48, context=6)
+    faces = frame_chunks(frames, 6, windows, chunk=48, context=6)
+    steps = mfcc_chunks(mfcc, 24, windows, chunk=48, context=6)
     with torch.inference_mode():
-        video = model.forward_video(torch.from_numpy(chunks.video / np.float32(255)))
-        audio = model.forward_audio(torch.from_numpy(chunks.audio)[:, None])
+        video = model.forward_video(torch.from_numpy(faces / np.float32(255)))
+        audio = model.forward_audio(torch.from_numpy(steps)[:, None])
         whole_v = model.video_head(model.visual(torch.from_numpy(frames / np.float32(255))[None]))
         whole_a = model.audio_head(model.audio(torch.from_numpy(mfcc.T.copy())[None, None]))
     inner = slice(6, windows - 6)  # windows whose context lies inside the run
@@ -311,6 +313,14 @@ def test_audio_around_the_run_replaces_the_zero_padding() -> None:
         estimate_sync(video, audio, max_shift=15, audio_lead=16)
     with pytest.raises(ValueError, match="after the run"):
         estimate_sync(video, audio, max_shift=15, audio_lead=0)
+
+
+def test_audio_window_range_counts_whole_windows_around_the_run() -> None:
+    from engine.analysis.windows import audio_window_range
+
+    # first window at step 42: positions -10 (step 2) .. (500 - 20 - 42) // 4 = 109
+    assert audio_window_range(42, 500) == (-10, 109)
+    assert audio_window_range(0, 20) == (0, 0)  # exactly one window, at the run's start
 
 
 def test_windows_pair_with_the_nearest_mfcc_frame_when_audio_is_off_the_grid() -> None:

@@ -114,64 +114,49 @@ def longest_run(starts: npt.NDArray[np.int64], pts_ns: npt.NDArray[np.int64]) ->
     return slice(int(bounds[best]), int(bounds[best + 1]))
 
 
-@dataclass(frozen=True)
-class Chunks:
-    """A run of windows cut into the fixed-size chunks a chunk model's towers take.
-
-    Attributes:
-        video: ``(k, chunk_frames, *frame_shape)`` frames, context included.
-        audio: ``(k, 13, 4 * chunk_frames)`` MFCC steps over the same frames.
-        windows: windows in the run; the towers give ``k * chunk_windows`` embeddings, of which
-            the first ``windows`` are the run's.
-    """
-
-    video: npt.NDArray[np.generic]
-    audio: npt.NDArray[np.float32]
-    windows: int
-
-
-def chunk_windows(
-    frames: npt.NDArray[np.generic],
-    mfcc: npt.NDArray[np.floating],
-    first_frame: int,
+def audio_window_range(
     first_step: int,
-    windows: int,
+    mfcc_frames: int,
     *,
-    chunk: int,
-    context: int,
     steps_per_frame: int = MFCC_STEPS // VIDEO_FRAMES,
-) -> Chunks:
-    """Cut ``windows`` consecutive windows into chunks of ``chunk`` windows with their context.
+    mfcc_steps: int = MFCC_STEPS,
+) -> tuple[int, int]:
+    """Positions of the first and last whole MFCC window on a run's frame grid.
 
-    Chunk ``c`` holds frames ``first_frame + c * chunk - context`` onwards, ``chunk + 4 + 2 *
-    context`` of them, and the MFCC steps from ``first_step + 4 * (c * chunk - context)`` over
-    the same span. Frames before the run's first or after its last frame repeat the edge frame;
-    MFCC steps outside ``mfcc`` repeat the edge step (a chunk model's context then sees a still
-    picture and a steady sound rather than zeros it never saw in training).
-
-    Args:
-        frames: the track's frames ``(T, ...)``.
-        mfcc: the stream's MFCC ``(N, 13)``.
-        first_frame: index of the run's first window's first frame in ``frames``.
-        first_step: index of that window's first MFCC step in ``mfcc``.
-        windows: windows in the run (consecutive frames, consecutive 4-step MFCC offsets).
-        chunk: windows per chunk.
-        context: frames of context on each side.
-        steps_per_frame: MFCC steps per video frame.
+    Position ``p`` is the window whose first step is ``first_step + steps_per_frame * p``
+    (position 0 pairs with the run's first video window); it is whole when its ``mfcc_steps``
+    steps all lie in ``[0, mfcc_frames)``. The first position is 0 or negative (sound before
+    the run), the last may be past the run's end (sound after it).
     """
-    video = frame_chunks(frames, first_frame, windows, chunk=chunk, context=context)
-    audio = mfcc_chunks(
-        mfcc, first_step, windows, chunk=chunk, context=context, steps_per_frame=steps_per_frame
+    return -(first_step // steps_per_frame), (mfcc_frames - mfcc_steps - first_step) // (
+        steps_per_frame
     )
-    return Chunks(video, audio, windows)
+
+
+def _chunking(windows: int, chunk: int, context: int) -> tuple[int, int]:
+    """``(chunks, frames per chunk)`` for ``windows`` windows, ``chunk`` a chunk, with context."""
+    return -(-windows // chunk), chunk + VIDEO_FRAMES - 1 + 2 * context
 
 
 def frame_chunks(
     frames: npt.NDArray[np.generic], first_frame: int, windows: int, *, chunk: int, context: int
 ) -> npt.NDArray[np.generic]:
-    """The video half of :func:`chunk_windows`: ``(k, chunk + 4 + 2 * context, *frame_shape)``."""
-    span = chunk + VIDEO_FRAMES - 1 + 2 * context
-    count = -(-windows // chunk)
+    """A run of windows cut into the fixed-size chunks a chunk model's video tower takes.
+
+    Chunk ``c`` holds frames ``first_frame + c * chunk - context`` onwards, ``chunk + 4 + 2 *
+    context`` of them: ``(k, chunk + 4 + 2 * context, *frame_shape)``. Frames before the run's
+    first or after its last frame repeat the edge frame (a chunk model's context then sees a
+    still picture rather than zeros it never saw in training); the towers give ``k * chunk``
+    embeddings, of which the first ``windows`` are the run's.
+
+    Args:
+        frames: the track's frames ``(T, ...)``.
+        first_frame: index of the run's first window's first frame in ``frames``.
+        windows: windows in the run (consecutive frames).
+        chunk: windows per chunk.
+        context: frames of context on each side.
+    """
+    count, span = _chunking(windows, chunk, context)
     last_frame = first_frame + windows + VIDEO_FRAMES - 2
     offsets = np.arange(count)[:, None] * chunk - context + np.arange(span)[None, :]
     frame_index = np.clip(first_frame + offsets, first_frame, last_frame)
@@ -187,9 +172,20 @@ def mfcc_chunks(
     context: int,
     steps_per_frame: int = MFCC_STEPS // VIDEO_FRAMES,
 ) -> npt.NDArray[np.float32]:
-    """The audio half of :func:`chunk_windows`: ``(k, 13, 4 * (chunk + 4 + 2 * context))``."""
-    span = chunk + VIDEO_FRAMES - 1 + 2 * context
-    count = -(-windows // chunk)
+    """The audio side of :func:`frame_chunks`: ``(k, 13, 4 * (chunk + 4 + 2 * context))``.
+
+    Chunk ``c`` holds the MFCC steps from ``first_step + 4 * (c * chunk - context)`` over the
+    span of its frames; steps outside ``mfcc`` repeat the edge step (a steady sound).
+
+    Args:
+        mfcc: the stream's MFCC ``(N, 13)``.
+        first_step: index of the first window's first MFCC step in ``mfcc``.
+        windows: windows (consecutive 4-step MFCC offsets).
+        chunk: windows per chunk.
+        context: frames of context on each side.
+        steps_per_frame: MFCC steps per video frame.
+    """
+    count, span = _chunking(windows, chunk, context)
     step_offsets = (
         np.arange(count)[:, None] * chunk * steps_per_frame
         - context * steps_per_frame
