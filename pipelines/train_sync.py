@@ -48,7 +48,7 @@ ENCODER_REACH = 8
 
 
 @dataclass
-class ClipFeatures:
+class EncodedClip:
     """Frozen encoder features of one clip's longest run of paired windows.
 
     ``video[t]`` is frame ``t`` of the run; ``audio[offset + t]`` is the 40 ms of sound that
@@ -89,7 +89,7 @@ def visual_features(
 
 def clip_features(
     clip: CachedClip, visual: VisualEncoder, audio: AudioEncoder
-) -> ClipFeatures | None:
+) -> EncodedClip | None:
     """Encoder features of the clip's longest run of windows with audio; None when too short."""
     paired = pair_windows(clip.pts_ns, clip.mfcc, clip.mfcc_start_ns)
     run = longest_run(paired.starts, paired.pts_ns)
@@ -101,7 +101,7 @@ def clip_features(
     mfcc = torch.from_numpy(np.ascontiguousarray(clip.mfcc[phase:].T))[None, None]
     with torch.inference_mode():
         sound = audio(mfcc)[0].numpy()
-    return ClipFeatures(
+    return EncodedClip(
         name=clip.name,
         identity=clip.identity,
         video=visual_features(visual, clip.face112[first:last]),
@@ -113,7 +113,7 @@ def clip_features(
 class Sampler:
     """Training batches: video windows, their 31 shifted audio windows, foreign audio windows."""
 
-    def __init__(self, clips: list[ClipFeatures], seed: int) -> None:
+    def __init__(self, clips: list[EncodedClip], seed: int) -> None:
         self.clips = clips
         self.rng = np.random.default_rng(seed)
         self.video = [sliding_window_view(c.video, WINDOW_FRAMES, axis=0) for c in clips]
@@ -164,9 +164,7 @@ def loss_and_accuracy(
     return loss, accuracy
 
 
-def evaluate(
-    model: SyncNetLiteModel, clips: list[ClipFeatures], span: int = 25
-) -> dict[str, float]:
+def evaluate(model: SyncNetLiteModel, clips: list[EncodedClip], span: int = 25) -> dict[str, float]:
     """Share of ``span``-window stretches whose mean-distance offset is exact / within ±1."""
     model.eval()
     exact = near = total = 0
@@ -204,7 +202,7 @@ def freeze_encoders(model: SyncNetLiteModel) -> None:
 def fit_heads(
     model: SyncNetLiteModel,
     sampler: Sampler,
-    val_clips: list[ClipFeatures],
+    val_clips: list[EncodedClip],
     args: argparse.Namespace,
     started: float,
 ) -> tuple[list[dict[str, float]], float]:

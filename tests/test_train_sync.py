@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from engine.models.syncnet_lite import SyncNetLiteModel
-from pipelines.train_sync import ClipFeatures, Sampler, evaluate, fit_heads
+from pipelines.train_sync import EncodedClip, Sampler, evaluate, fit_heads
 
 
-def synthetic_clips(count: int, seed: int) -> list[ClipFeatures]:
+def synthetic_clips(count: int, seed: int) -> list[EncodedClip]:
     """Clips whose audio features are their video features plus noise: a learnable sync."""
     rng = np.random.default_rng(seed)
     clips = []
@@ -21,7 +21,7 @@ def synthetic_clips(count: int, seed: int) -> list[ClipFeatures]:
         audio = np.concatenate(
             [rng.standard_normal((20, 128)), video + 0.3 * rng.standard_normal(video.shape)]
         ).astype(np.float32)
-        clips.append(ClipFeatures(f"clip{index}", f"id{index}", video, audio, offset=20))
+        clips.append(EncodedClip(f"clip{index}", f"id{index}", video, audio, offset=20))
     return clips
 
 

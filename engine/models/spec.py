@@ -5,9 +5,10 @@ read it to build inputs of the right shape, dtype and layout without knowing the
 torch definitions live in :mod:`engine.models.syncnet_v2` and :mod:`engine.models.syncnet_lite`;
 :func:`engine.models.export.export_towers` names the ONNX inputs and outputs after these specs.
 
-Every model has two towers, ``video`` and ``audio``, each mapping one window to one embedding of
-``embedding_size`` floats; the distance between the two embeddings (Euclidean, as SyncNet) is
-computed outside the model.
+Every model has two towers, ``video`` and ``audio``, each giving one embedding of
+``embedding_size`` floats per window (a window model takes one window a call, a chunk model a run
+of them, see :class:`WindowSpec`); the distance between the two embeddings (Euclidean, as
+SyncNet) is computed outside the model.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class ModelSpec:
         embedding_size: floats per embedding of either tower.
         window: the media span of one window.
         weights: where the weights come from; None for a model without published weights.
-        distance: how embeddings compare: ``"euclidean"`` on the raw (not normalised) embeddings.
+        distance: how embeddings compare: ``"euclidean"`` on the embeddings as the towers give
+            them (SyncNet v2's are raw, SyncNet-lite's unit length).
     """
 
     name: str
@@ -205,6 +207,11 @@ SYNCNET_V2 = ModelSpec(
     ),
 )
 
+_CHUNK_EMBEDDINGS = TensorSpec(
+    "embedding", (48, 256), "float32", "(batch, 48 windows, 256) unit-length embeddings"
+)
+"""What both SyncNet-lite towers give per chunk: one embedding per window."""
+
 SYNCNET_LITE = ModelSpec(
     name="syncnet_lite",
     description=(
@@ -223,9 +230,7 @@ SYNCNET_LITE = ModelSpec(
                 "58-63 are context, windows start at frames 6..53"
             ),
         ),
-        output=TensorSpec(
-            "embedding", (48, 256), "float32", "(batch, 48 windows, 256) raw embeddings"
-        ),
+        output=_CHUNK_EMBEDDINGS,
     ),
     audio=TowerSpec(
         tower="audio",
@@ -238,9 +243,7 @@ SYNCNET_LITE = ModelSpec(
                 "64 frames (4 steps a frame, the first step at the first frame's time)"
             ),
         ),
-        output=TensorSpec(
-            "embedding", (48, 256), "float32", "(batch, 48 windows, 256) raw embeddings"
-        ),
+        output=_CHUNK_EMBEDDINGS,
     ),
     embedding_size=256,
     window=WindowSpec(
