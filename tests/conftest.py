@@ -39,13 +39,18 @@ def clip(relative: str) -> Path:
     return path
 
 
-def clips_of_split(split: str) -> list[Path]:
-    """Every clip of one split of clips.csv."""
+def _index_rows() -> list[dict[str, str]]:
+    """The rows of ../shared/data/clips.csv; none when the shared data is not there."""
     index = DATA / "clips.csv"
     if not index.exists():
         return []
     with index.open(newline="") as handle:
-        return [DATA / row["path"] for row in csv.DictReader(handle) if row["split"] == split]
+        return list(csv.DictReader(handle))
+
+
+def clips_of_split(split: str) -> list[Path]:
+    """Every clip of one split of clips.csv."""
+    return [DATA / row["path"] for row in _index_rows() if row["split"] == split]
 
 
 async def collect(uri: str | Path, **options: object) -> list[Frame]:
@@ -187,15 +192,7 @@ def encode_rgb(
 
 def single_face_clips() -> list[Path]:
     """Every clip of clips.csv that shows one visible face (the ``faces`` column)."""
-    index = DATA / "clips.csv"
-    if not index.exists():
-        return []
-    with index.open(newline="") as handle:
-        return [
-            DATA / row["path"]
-            for row in csv.DictReader(handle)
-            if row["faces"].startswith("single")
-        ]
+    return [DATA / row["path"] for row in _index_rows() if row["faces"].startswith("single")]
 
 
 def remux(video_from: Path, audio_from: Path, out: Path, *, audio_delay_s: float = 0.0) -> Path:
