@@ -28,7 +28,6 @@ class TrackFeatures:
     Attributes:
         track_id: the track (unique within the clip).
         pts_ns: timestamp of each frame ``(T,)``.
-        mouth: grey mouth crops ``(T, 48, 96)`` uint8.
         face: SyncNet v2 face crops ``(T, 224, 224, 3)`` RGB uint8 (only when asked for).
         face112: grey 112×112 centre crops of the face ``(T, 112, 112)`` uint8 (SyncNet-lite).
         lips: normalised lip points ``(T, 40, 2)`` float32.
@@ -38,7 +37,6 @@ class TrackFeatures:
 
     track_id: int
     pts_ns: npt.NDArray[np.int64]
-    mouth: npt.NDArray[np.uint8]
     face: npt.NDArray[np.uint8] | None
     face112: npt.NDArray[np.uint8]
     lips: npt.NDArray[np.float32]
@@ -104,7 +102,6 @@ class _Collector:
             TrackFeatures(
                 track_id=ended.track_id,
                 pts_ns=np.array([c.pts_ns for c in crops], dtype=np.int64),
-                mouth=np.stack([c.mouth for c in crops]),
                 face=np.stack([c.face for c in crops]) if self.want_face else None,
                 face112=np.stack([c.face112 for c in crops]),
                 lips=np.stack([c.lips for c in crops]),

@@ -1,9 +1,10 @@
 """Training and evaluation data for the sync model: real clips decoded once into a cache.
 
 Each clip of ``clips.csv`` is run through :func:`pipelines.features.extract_clip` (the engine's own
-sources, MFCC and face stages) and its longest face track is stored as one ``.npz``: the mouth
-crops ``(T, 48, 96)`` uint8, their timestamps, the lip points, and the clip's MFCC (``syncnet``
-preset) with its start time. The split comes from the ``split`` column of ``clips.csv`` (by
+sources, MFCC and face stages) and its longest face track is stored as one ``.npz``: the grey
+112×112 face crops ``(T, 112, 112)`` uint8 (SyncNet-lite's input), their timestamps, the lip
+points (for the model-free baseline), and the clip's MFCC (``syncnet`` preset) with its start
+time. The split comes from the ``split`` column of ``clips.csv`` (by
 identity, fixed): train on ``train``, report on ``test``.
 
 Run: ``python -m pipelines.sync_data --data ../shared/data --cache CACHE [--split train test]``.
@@ -44,7 +45,6 @@ class CachedClip:
     name: str
     identity: str
     split: str
-    mouth: npt.NDArray[np.uint8]
     face112: npt.NDArray[np.uint8]
     pts_ns: npt.NDArray[np.int64]
     lips: npt.NDArray[np.float32]
@@ -78,7 +78,6 @@ async def prepare(row: ClipRow, out: Path) -> bool:
         out,
         identity=row.identity,
         split=row.split,
-        mouth=track.mouth,
         face112=track.face112,
         pts_ns=track.pts_ns,
         lips=track.lips,
@@ -95,7 +94,6 @@ def load(path: Path) -> CachedClip:
             name=path.name.removesuffix(".npz"),
             identity=str(data["identity"]),
             split=str(data["split"]),
-            mouth=data["mouth"],
             face112=data["face112"],
             pts_ns=data["pts_ns"],
             lips=data["lips"],
