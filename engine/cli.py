@@ -123,6 +123,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=None, help="stop each file after this much video"
     )
 
+    serve = commands.add_parser(
+        "serve",
+        help="run the live engine on sources and serve its events over WebSocket",
+        description=(
+            "Run sources (files play in real time, URLs and device: capture live) through the "
+            "live engine and serve active-speaker, sync, track, stream and stats events at "
+            "ws://HOST:PORT/events. With no --source, the embedded demo clip plays in a loop. "
+            "A source may be named ID=URI; otherwise streams are s0, s1, ..."
+        ),
+    )
+    serve.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="a path, URL or device: URI (repeat for several streams)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    serve.add_argument(
+        "--token",
+        default=None,
+        help="clients must present this token (default: $TALKSCOPE_TOKEN if set)",
+    )
+    serve.add_argument("--window-s", type=float, default=2.0, help="sync window, seconds")
+    serve.add_argument("--loop", action="store_true", help="play file sources in a loop")
+    serve.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="stop once every source has ended (scripts, benchmarks)",
+    )
+    serve.add_argument(
+        "--providers",
+        default="cpu",
+        help="onnxruntime providers for the models: cpu, cuda, tensorrt",
+    )
+    from clients.watch import add_watch_parser
+
+    add_watch_parser(commands)  # type: ignore[arg-type]  # _Parser is an ArgumentParser
+
     models = commands.add_parser(
         "models",
         help="list the sync models, their inputs and where their weights are looked for",
@@ -160,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sync(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
+        if args.command == "watch":
+            from clients.watch import run_watch
+
+            return run_watch(args)
         raise UsageError(f"unknown command {args.command!r}")
     except KeyboardInterrupt:
         print("talkscope: interrupted", file=sys.stderr)
@@ -423,6 +469,29 @@ async def _sync_all(
                 group.create_task(worker(), name=f"sync-job-{number}")
     bar.clear()
     return worst
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from engine.assets import demo_clip
+    from pipelines.live import LiveConfig
+    from pipelines.serve import ServeOptions, serve
+
+    if args.window_s < 1.0:
+        raise UsageError(f"--window-s must be at least 1 s, got {args.window_s}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {args.port}")
+    sources = list(args.source)
+    loop = args.loop
+    if not sources:
+        sources, loop = [f"demo={demo_clip()}"], True
+    token = args.token if args.token is not None else os.environ.get("TALKSCOPE_TOKEN")
+    config = LiveConfig(window_s=args.window_s, loop_files=loop, providers=args.providers)
+    options = ServeOptions(
+        sources, args.host, args.port, token or None, args.exit_when_done, config
+    )
+    return await serve(options)
 
 
 def _describe_sync(report: FileSyncReport) -> str:

@@ -131,6 +131,10 @@ class MediaSource:
         on_state: called on the event loop at every state change.
         clock: time for pacing; the system clock by default.
         capacity: frames buffered between the decode threads and the consumer.
+
+    Attribute ``late_video_ns`` (None by default) makes a paced source behave as a live one
+    under load: a video frame already later than this past its due time is dropped (counted in
+    ``stats.video_dropped``) instead of being yielded late; audio is never dropped.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class MediaSource:
         self._channel: Channel[Frame] = Channel(
             capacity, FullPolicy.WAIT, name=f"source:{stream_id}"
         )
+        self.late_video_ns: int | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._opened: list[concurrent.futures.Future[None]] = []
@@ -235,10 +240,22 @@ class MediaSource:
             if self.paced:
                 if wall0 is None:
                     wall0, pts0 = self._clock.now_ns(), frame.pts_ns
-                await self._clock.sleep_until(wall0 + frame.pts_ns - pts0)
+                due_ns = wall0 + frame.pts_ns - pts0
+                if self._too_late(frame, due_ns):
+                    continue
+                await self._clock.sleep_until(due_ns)
             yield frame
         if self._error is not None:
             raise self._error
+
+    def _too_late(self, frame: Frame, due_ns: int) -> bool:
+        late = self.late_video_ns
+        if late is None or frame.kind is not FrameKind.VIDEO:
+            return False
+        if self._clock.now_ns() - due_ns <= late:
+            return False
+        self.stats.video_dropped += 1
+        return True
 
     async def aclose(self) -> None:
         """Stop the threads (bounded wait) and discard what is queued. Idempotent."""

@@ -1,0 +1,164 @@
+"""The live engine end to end: ``talkscope serve`` as a real process, real clips, a real client."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.talkscope_client import TalkscopeClient, TokenRefused
+from engine.analysis.speaker import SpeakerConfig, SpeakerSelector
+from pipelines.scenes import build_scene
+from tests.conftest import REPO, clip, remux, scaled
+
+GERMAN = "mimictalk/German_20s.mp4"
+ANCHOR = "dfrf/cnn2_25fps.mp4"
+
+
+@asynccontextmanager
+async def serving(*args: str) -> AsyncIterator[str]:
+    """``talkscope serve --port 0 ARGS``: yields the events URL; SIGINT at the end."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine",
+        "serve",
+        "--port",
+        "0",
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), scaled(60))
+        match = re.search(r"(ws://\S+)", line.decode())
+        assert match, f"no URL in {line!r}"
+        yield match.group(1)
+    finally:
+        if process.returncode is None:
+            process.send_signal(2)
+            try:
+                await asyncio.wait_for(process.wait(), scaled(20))
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def collect(
+    url: str, *, token: str | None = None, until_ended: int = 1
+) -> list[dict[str, Any]]:
+    """Every event until ``until_ended`` streams have ended (or errored)."""
+    events: list[dict[str, Any]] = []
+    ended = 0
+    async with TalkscopeClient(url, token) as client:
+        async for event in client.events():
+            events.append(event)
+            if event["type"] == "stream" and event["state"] in ("ended", "error"):
+                ended += 1
+                if ended >= until_ended:
+                    break
+    return events
+
+
+# --- the speaker state machine (pure) ------------------------------------------------------------
+
+
+def test_speaker_selector_holds_against_a_one_update_blip() -> None:
+    selector = SpeakerSelector(SpeakerConfig(switch_updates=2))
+    assert selector.update(0.9, {1: 0.9, 2: 0.1}).track_id == 1
+    assert selector.update(0.9, {1: 0.4, 2: 0.9}).track_id == 1  # one update: no flicker
+    assert selector.update(0.9, {1: 0.4, 2: 0.9}).track_id == 2  # two in a row: switch
+    decision = selector.update(0.1, {1: 0.4, 2: 0.9})
+    decision = selector.update(0.1, {1: 0.4, 2: 0.9})
+    assert (decision.state, decision.track_id) == ("silent", None)
+
+
+def test_speech_without_a_matching_face_is_an_offscreen_voice() -> None:
+    selector = SpeakerSelector(SpeakerConfig(offscreen_updates=3))
+    states = [selector.update(0.95, {1: 0.05}).state for _ in range(4)]
+    assert states[-1] == "offscreen"
+    assert selector.update(0.95, {1: 0.9}).state == "speaking"
+
+
+# --- real processes --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_sync_events_of_a_clip_with_audio_delayed_120_ms(tmp_path: Path) -> None:
+    source = clip(GERMAN)
+    delayed = remux(source, source, tmp_path / "delayed.mp4", audio_delay_s=0.12)
+    async with serving("--source", f"cam={delayed}", "--exit-when-done") as url:
+        events = await asyncio.wait_for(collect(url), scaled(120))
+    syncs = [e for e in events if e["type"] == "sync" and e["state"] == "ok"]
+    assert len(syncs) > 50  # five a second over most of the 20 s
+    assert all(e["stream_id"] == "cam" and e["window_s"] == 2.0 for e in syncs)
+    median_ms = statistics.median(e["offset_ms"] for e in syncs)
+    assert -160 <= median_ms <= -80, median_ms  # -120 ms within a frame
+    speakers = [e for e in events if e["type"] == "speaker" and e["state"] == "speaking"]
+    assert len(speakers) > 0.8 * len([e for e in events if e["type"] == "speaker"])
+    starts = [e for e in events if e["type"] == "track_start"]
+    assert starts and len(starts[0]["box"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 6 target: >= 90% of frames; measured about 42%: both faces move their lips, "
+    "Light-ASD scores both as talking and SyncNet-lite's match (issue 5) tells them apart "
+    "only over 2 s windows, so switches come about 1.5 s late",
+)
+async def test_two_face_scene_active_speaker_is_right_on_90_percent(tmp_path: Path) -> None:
+    scene = build_scene([clip(GERMAN), clip(ANCHOR)], tmp_path / "scene.mp4", seconds=18.0)
+    async with serving("--source", f"scene={scene.path}", "--exit-when-done") as url:
+        events = await asyncio.wait_for(collect(url), scaled(120))
+    speakers = sorted((e for e in events if e["type"] == "speaker"), key=lambda e: e["pts_ns"])
+    right = counted = 0
+    for frame in range(round(scene.seconds * 25)):
+        t = frame / 25
+        turn = next(x for x in scene.turns if x[0] <= t < x[1])
+        if t - turn[0] < 0.5:
+            continue
+        said = [e for e in speakers if e["pts_ns"] <= frame * 40_000_000]
+        box = said[-1]["box"] if said and said[-1]["track_id"] is not None else None
+        tile = scene.tiles[turn[2]]
+        counted += 1
+        right += box is not None and tile[0] <= (box[0] + box[2]) / 2 < tile[2]
+    assert right / counted >= 0.9, f"{right}/{counted}"
+
+
+async def test_a_token_is_required_when_set(tmp_path: Path) -> None:
+    source = clip(GERMAN)
+    async with serving("--source", str(source), "--token", "s3cret") as url:
+        with pytest.raises(TokenRefused):
+            async with TalkscopeClient(url) as client:
+                await client.events().__anext__()
+        async with TalkscopeClient(url, "s3cret") as client:
+            assert client.hello is not None and client.hello["streams"] == ["s0"]
+
+
+@pytest.mark.slow
+async def test_a_missing_source_is_an_error_event_and_the_other_stream_runs(
+    tmp_path: Path,
+) -> None:
+    good = clip("grid_lipnet/swiz3n.mpg")
+    async with serving(
+        "--source",
+        f"bad={tmp_path / 'missing.mp4'}",
+        "--source",
+        f"good={good}",
+        "--exit-when-done",
+    ) as url:
+        events = await asyncio.wait_for(collect(url, until_ended=2), scaled(60))
+    states = {(e["stream_id"], e["state"]) for e in events if e["type"] == "stream"}
+    assert ("bad", "error") in states
+    assert ("good", "ended") in states
+    assert any(e["type"] == "track_start" and e["stream_id"] == "good" for e in events)
