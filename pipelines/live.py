@@ -261,6 +261,7 @@ class LiveStream:
         self.audio_until = -1  # newest frame with an audio feature
         self.next_audio_frame: int | None = None
         self.origin_ns: int | None = None
+        self.first_arrival_ns: int | None = None  # monotonic ns when the first video came
         self.tracks: dict[int, _Track] = {}
         self.arrivals: dict[int, int] = {}  # frame -> monotonic ns of the newest media of it
         self.last_speaker_frame = -(10**9)
@@ -359,7 +360,7 @@ class LiveStream:
                 )
             if frame.kind is FrameKind.VIDEO:
                 if self.origin_ns is None:
-                    self.origin_ns = frame.pts_ns
+                    self.origin_ns, self.first_arrival_ns = frame.pts_ns, now
                 self.arrivals[self._frame_of(frame.pts_ns)] = now
             elif frame.kind is FrameKind.AUDIO and self.origin_ns is not None:
                 end = frame.pts_ns + frame.duration_ns
