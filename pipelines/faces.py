@@ -75,6 +75,7 @@ class _Tracks:
         self.first: dict[int, FaceCrops] = {}
         self.last: dict[int, FaceCrops] = {}
         self.frames: dict[int, int] = {}
+        self.boxes: dict[int, list[tuple[float, float, float, float]]] = {}
         self.done: list[TrackReport] = []
 
     def add(self, item: FaceCrops | TrackEnded) -> None:
@@ -82,7 +83,9 @@ class _Tracks:
             self.first.setdefault(item.track_id, item)
             self.last[item.track_id] = item
             self.frames[item.track_id] = self.frames.get(item.track_id, 0) + 1
+            self.boxes.setdefault(item.track_id, []).append(item.box)
             return
+        self.boxes.pop(item.track_id, None)
         first, last = self.first.get(item.track_id), self.last.get(item.track_id)
         if first is None or last is None:
             return
@@ -98,6 +101,14 @@ class _Tracks:
                 last_s=round((last.pts_ns - origin) / NS_PER_S, 3),
             )
         )
+
+    def finish(self) -> None:
+        """Report the tracks still open when reading stopped early (``--seconds``)."""
+        for track_id, boxes in list(self.boxes.items()):
+            median = np.median(np.array(boxes), axis=0)
+            last = self.last[track_id]
+            box = (float(median[0]), float(median[1]), float(median[2]), float(median[3]))
+            self.add(TrackEnded(last.stream_id, track_id, last.pts_ns, box, len(boxes)))
 
 
 async def analyse_faces(
@@ -144,6 +155,7 @@ async def analyse_faces(
     finally:
         if writer is not None:
             writer.close()
+    tracks.finish()
     report.seconds = round(time.perf_counter() - started, 3)
     report.tracks = sorted(tracks.done, key=lambda t: t.track_id)
     report.detections_run = sum(p.tracker.detections_run for p in stage.processors.values())

@@ -368,3 +368,11 @@ def test_cli_faces_text_and_errors(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     usage = run_cli("faces", str(clip(GRID)), "--max-faces", "0")
     assert usage.returncode == 2 and "--max-faces" in usage.stderr
+
+
+async def test_stopping_early_still_reports_the_tracks_that_were_open() -> None:
+    report = await analyse_faces(str(clip("mimictalk/German_20s.mp4")), max_seconds=4)
+    assert report.video_frames == 100
+    assert len(report.tracks) == 1
+    track = report.tracks[0]
+    assert track.frames > 80 and track.last_s <= 4.0
