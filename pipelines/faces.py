@@ -30,6 +30,7 @@ from engine.vision.stage import (
     FaceStatus,
     TrackEnded,
     TrackStarted,
+    median_box,
 )
 
 PREVIEW_COLOURS = ((0, 200, 255), (255, 120, 0), (60, 220, 60), (230, 60, 200), (255, 220, 0))
@@ -105,10 +106,10 @@ class _Tracks:
     def finish(self) -> None:
         """Report the tracks still open when reading stopped early (``--seconds``)."""
         for track_id, boxes in list(self.boxes.items()):
-            median = np.median(np.array(boxes), axis=0)
             last = self.last[track_id]
-            box = (float(median[0]), float(median[1]), float(median[2]), float(median[3]))
-            self.add(TrackEnded(last.stream_id, track_id, last.pts_ns, box, len(boxes)))
+            self.add(
+                TrackEnded(last.stream_id, track_id, last.pts_ns, median_box(boxes), len(boxes))
+            )
 
 
 async def analyse_faces(

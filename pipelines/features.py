@@ -18,7 +18,7 @@ from engine.core.frame import Frame, FrameKind
 from engine.core.stage import Pipeline
 from engine.dsp.stage import MfccBlock, MfccStage
 from engine.sources import open_source
-from engine.vision.stage import FaceConfig, FaceCrops, FaceStage, TrackEnded
+from engine.vision.stage import FaceConfig, FaceCrops, FaceStage, TrackEnded, median_box
 
 
 @dataclass
@@ -112,8 +112,7 @@ class _Collector:
 
     def finish(self, features: ClipFeatures) -> None:
         for track_id, crops in list(self.crops.items()):  # cut short: close what is open
-            boxes = np.median(np.array([c.box for c in crops]), axis=0)
-            box = (float(boxes[0]), float(boxes[1]), float(boxes[2]), float(boxes[3]))
+            box = median_box([c.box for c in crops])
             self._close(TrackEnded(crops[0].stream_id, track_id, crops[-1].pts_ns, box, len(crops)))
         features.tracks = sorted(self.tracks, key=lambda t: t.track_id)
         if self.runs:

@@ -40,6 +40,7 @@ import numpy.typing as npt
 
 from engine.analysis.speaker import SpeakerConfig, SpeakerSelector
 from engine.analysis.sync import SyncEstimate, estimate_sync
+from engine.analysis.windows import FRAME_NS
 from engine.core.errors import EngineError
 from engine.core.frame import Frame, FrameKind
 from engine.core.stage import Pipeline
@@ -61,11 +62,11 @@ from engine.sources import open_source
 from engine.sources.base import MediaSource, SourceState, SourceStateChange
 from engine.sources.kinds import redact
 from engine.vision.crops import CropConfig
+from engine.vision.geometry import Box
 from engine.vision.stage import FaceConfig, FaceCrops, FaceStage, TrackEnded, TrackStarted
 
 log = logging.getLogger(__name__)
 
-FRAME_NS = 40_000_000
 STEP_NS = 10_000_000
 LATE_VIDEO_NS = 200_000_000
 """A paced file's video frame this late (the engine lags) is dropped, as a live source's."""
@@ -247,6 +248,7 @@ class LiveStream:
     ) -> None:
         """See the class docstring."""
         self.uri = uri
+        self.source_name = redact(uri)  # what events show: credentials removed
         self.stream_id = stream_id
         self.models = models
         self.publish = publish
@@ -292,7 +294,7 @@ class LiveStream:
             return
         self.state = state
         self._emit(
-            "stream", None, state=state, source=redact(self.uri), message=change.detail or None
+            "stream", None, state=state, source=self.source_name, message=change.detail or None
         )
 
     # --- the run -----------------------------------------------------------------------------
@@ -305,11 +307,8 @@ class LiveStream:
             log.warning("%s: %s", self.stream_id, error)
             if self.state != "error":
                 self._emit(
-                    "stream", None, state="error", source=redact(self.uri), message=str(error)
+                    "stream", None, state="error", source=self.source_name, message=str(error)
                 )
-        finally:
-            for track in list(self.tracks.values()):
-                await self._stop_track(track)
 
     async def _run(self) -> None:
         source = open_source(
@@ -355,7 +354,7 @@ class LiveStream:
                     "stream",
                     frame.pts_ns,
                     state="started",
-                    source=redact(self.uri),
+                    source=self.source_name,
                     message="frames again",
                 )
             if frame.kind is FrameKind.VIDEO:
@@ -383,7 +382,7 @@ class LiveStream:
         elif isinstance(item, FaceCrops):
             await self._crops(item, group)
         elif isinstance(item, TrackStarted):
-            box = [round(float(v), 1) for v in item.box]
+            box = _rounded(item.box)
             self.tracks[item.track_id] = _Track(item.track_id, box)
             self._emit("track_start", item.pts_ns, track_id=item.track_id, box=box)
         elif isinstance(item, TrackEnded):
@@ -394,7 +393,7 @@ class LiveStream:
                 "track_end",
                 item.pts_ns,
                 track_id=item.track_id,
-                box=[round(float(v), 1) for v in item.box],
+                box=_rounded(item.box),
                 frames=item.frames,
             )
 
@@ -432,7 +431,6 @@ class LiveStream:
             if all(s in self.mfcc for s in steps):
                 await self._run_audio_step(start_frame, steps)
             self.next_audio_frame += STEP_FRAMES
-        self._trim()
 
     async def _run_audio_step(self, start_frame: int, steps: range) -> None:
         mfcc = np.stack([self.mfcc[s] for s in steps]).T[None]  # (1, 13, 68)
@@ -442,9 +440,10 @@ class LiveStream:
         for i in range(STEP_FRAMES):
             self.audio_features[first_new + i] = features[AUDIO_CONTEXT_FRAMES + i]
         self.audio_until = first_new + STEP_FRAMES - 1
+        self._trim()  # what is kept is counted back from audio_until
         await self._embed_audio()
         if not self.tracks:
-            await self._speaker_update(self.audio_until, {})
+            await self._speaker_update(self.audio_until)
 
     async def _embed_audio(self) -> None:
         head = self.models.weights.audio_head
@@ -473,7 +472,7 @@ class LiveStream:
             track.pending.clear()
             track.generation += 1
         track.next_frame = frame + 1
-        track.box = [round(float(v), 1) for v in crops.box]
+        track.box = _rounded(crops.box)
         track.boxes[frame] = track.box
         track.pending.append(crops)
         if len(track.pending) == STEP_FRAMES:
@@ -556,7 +555,7 @@ class LiveStream:
         if sync is not None:
             end = sync.pop("end_frame")
             self._emit("sync", self._pts_of(end), track_id=track.track_id, **sync)
-        await self._speaker_update(until, None)
+        await self._speaker_update(until)
 
     @staticmethod
     def _unembedded(track: _Track) -> list[int]:
@@ -617,7 +616,7 @@ class LiveStream:
         values = [p for step, p in self.vad_scores.items() if lo <= step < hi]
         return float(np.mean(values)) if values else 0.0
 
-    async def _speaker_update(self, until: int, _: object) -> None:
+    async def _speaker_update(self, until: int) -> None:
         live = [t for t in self.tracks.values() if t.scored_until >= 0]
         if live:
             until = min(t.scored_until for t in live)
@@ -673,7 +672,7 @@ class LiveStream:
                     "stream",
                     None,
                     state="stalled",
-                    source=redact(self.uri),
+                    source=self.source_name,
                     message=f"no media for {idle_s:.1f} s",
                 )
 
@@ -703,6 +702,11 @@ class LiveStream:
                 k.removesuffix("_ms"): v for k, v in self.latency["end_to_end"].summary().items()
             },
         }
+
+
+def _rounded(box: Box) -> list[float]:
+    """A box as the events carry it: a list, 0.1 pixel."""
+    return [round(float(v), 1) for v in box]
 
 
 def _score_and_embed(
@@ -780,11 +784,7 @@ class LiveEngine:
             for stream_id, uri in self.sources:
                 stream = LiveStream(uri, stream_id, models, self.publish, self.config)
                 self.streams.append(stream)
-                group.create_task(_run_stream(stream), name=f"stream:{stream_id}")
-
-
-async def _run_stream(stream: LiveStream) -> None:
-    await stream.run()
+                group.create_task(stream.run(), name=f"stream:{stream_id}")
 
 
 def split_source(text: str, index: int) -> tuple[str, str]:

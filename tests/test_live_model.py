@@ -14,7 +14,7 @@ from engine.models.light_asd import (
     load_light_asd_encoders,
     streaming_state_size,
 )
-from engine.models.live import DELAY_FRAMES, STEP_FRAMES, load_live_weights
+from engine.models.live import DELAY_FRAMES, LIVE_WEIGHTS_DIR, STEP_FRAMES, load_live_weights
 from engine.models.syncnet_lite import SyncNetLiteModel
 from engine.runtime.backends import OnnxBackend
 from tests.conftest import SHARED
@@ -71,8 +71,6 @@ def test_numpy_heads_match_the_torch_modules() -> None:
     audio, visual = (rng.random((40, 128), dtype=np.float32) for _ in range(2))
     backend = load_light_asd_backend(LIGHT_ASD)
     lite = SyncNetLiteModel()
-    from engine.models.live import LIVE_WEIGHTS_DIR
-
     lite.load_state_dict(
         torch.load(LIVE_WEIGHTS_DIR.parent / "syncnet_lite" / "syncnet_lite.pt", weights_only=True)
     )

@@ -151,10 +151,7 @@ def load_light_asd_encoders(path: str | Path) -> tuple[VisualEncoder, AudioEncod
     Raises:
         WeightsError: the file is unreadable or its encoder tensors do not match.
     """
-    try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise WeightsError(f"{path}: not a readable Light-ASD checkpoint ({error})") from None
+    checkpoint = _read_checkpoint(path)
     visual, audio = VisualEncoder(), AudioEncoder()
     for module, name in ((visual, "visualEncoder"), (audio, "audioEncoder")):
         try:

@@ -216,7 +216,7 @@ class FaceProcessor:
                 continue
             out.extend(self._emit(buffer, until=buffer.last_observed))
             last = buffer.history[-1].frame.pts_ns if buffer.history else pts_ns
-            box = _median_box(buffer.boxes) if buffer.boxes else summary.box
+            box = median_box(buffer.boxes) if buffer.boxes else summary.box
             out.append(TrackEnded(self.stream_id, summary.track_id, last, box, buffer.emitted))
         return out
 
@@ -272,7 +272,8 @@ class FaceProcessor:
         return [FaceStatus(self.stream_id, pts_ns, state, tracks)]
 
 
-def _median_box(boxes: list[Box]) -> Box:
+def median_box(boxes: list[Box]) -> Box:
+    """The per-coordinate median of a track's boxes (what ``TrackEnded`` reports)."""
     x0, y0, x1, y1 = (float(v) for v in np.median(np.asarray(boxes), axis=0))
     return x0, y0, x1, y1
 
