@@ -159,6 +159,41 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="onnxruntime providers for the models: cpu, cuda, tensorrt",
     )
+    serve.add_argument(
+        "--no-demo",
+        action="store_true",
+        help="with no --source, play nothing and wait for WebRTC publishers",
+    )
+    serve.add_argument(
+        "--no-whip", action="store_true", help="refuse WebRTC publishers (no /whip endpoint)"
+    )
+    serve.add_argument(
+        "--max-publishers", type=int, default=8, help="WebRTC publishers at once (default 8)"
+    )
+    serve.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a STUN/TURN URL for WebRTC (repeat; default: none, host candidates only)",
+    )
+    publish = commands.add_parser(
+        "publish",
+        help="publish a source to a talkscope server (or any WHIP endpoint) over WebRTC",
+        description=(
+            "Read SOURCE (a file plays in real time, a URL or device: captures live) and send "
+            "its audio and video over WebRTC to a WHIP endpoint, e.g. "
+            "http://127.0.0.1:8765/whip of 'talkscope serve'. Add ?stream=ID to the URL to "
+            "choose the stream id. Ends the session (DELETE) when the source ends or on Ctrl-C."
+        ),
+    )
+    publish.add_argument("source", metavar="SOURCE", help="a path, URL or device: URI")
+    publish.add_argument("--to", required=True, metavar="URL", help="the WHIP endpoint URL")
+    publish.add_argument(
+        "--token", default=None, help="bearer token (default: $TALKSCOPE_TOKEN if set)"
+    )
+    publish.add_argument("--loop", action="store_true", help="play a file source in a loop")
+    publish.add_argument("--seconds", type=float, default=None, help="stop after this much media")
     from clients.watch import add_watch_parser
 
     add_watch_parser(commands)  # type: ignore[arg-type]  # _Parser is an ArgumentParser
@@ -202,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args)
         if args.command == "serve":
             return asyncio.run(_serve(args))
+        if args.command == "publish":
+            return asyncio.run(_publish(args))
         if args.command == "watch":
             from clients.watch import run_watch
 
@@ -471,6 +508,18 @@ async def _sync_all(
     return worst
 
 
+async def _publish(args: argparse.Namespace) -> int:
+    import os
+
+    from pipelines.publish import PublishOptions, publish
+
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    token = args.token if args.token is not None else os.environ.get("TALKSCOPE_TOKEN")
+    options = PublishOptions(args.source, args.to, token or None, args.loop, args.seconds)
+    return await publish(options)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     import os
 
@@ -482,14 +531,24 @@ async def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--window-s must be at least 1 s, got {args.window_s}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
+    if args.max_publishers < 1:
+        raise UsageError(f"--max-publishers must be at least 1, got {args.max_publishers}")
     sources = list(args.source)
     loop = args.loop
-    if not sources:
+    if not sources and not args.no_demo:
         sources, loop = [f"demo={demo_clip()}"], True
     token = args.token if args.token is not None else os.environ.get("TALKSCOPE_TOKEN")
     config = LiveConfig(window_s=args.window_s, loop_files=loop, providers=args.providers)
     options = ServeOptions(
-        sources, args.host, args.port, token or None, args.exit_when_done, config
+        sources,
+        args.host,
+        args.port,
+        token or None,
+        args.exit_when_done,
+        config,
+        whip=not args.no_whip,
+        max_publishers=args.max_publishers,
+        ice_servers=tuple(args.ice_server),
     )
     return await serve(options)
 

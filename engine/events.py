@@ -126,6 +126,7 @@ class SyncEvent(_Common):
     window_s: float
     frames: int
     reason: str | None
+    box: Box
 
 
 class StagePercentiles(TypedDict):
@@ -404,6 +405,7 @@ _FIELDS: dict[str, dict[str, _Field]] = {
         "window_s": _number(minimum=0.0),
         "frames": _integer(),
         "reason": _string(nullable=True),
+        "box": _box(),
     },
     "stats": {
         "stages": _stage_map(),
@@ -435,7 +437,8 @@ _DESCRIPTIONS = {
     ),
     "sync": (
         "Audio-video offset of one track over a sliding window of window_s seconds; positive "
-        "= audio leads the lips. state unknown comes with a reason and null estimates."
+        "= audio leads the lips. state unknown comes with a reason and null estimates. box is the "
+        "track's box at the end of the window."
     ),
     "stats": "Stage, queue, drop and end-to-end latency figures of a stream (or the server).",
     "hello": "First message of every connection: known streams and event types.",

@@ -49,6 +49,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -63,11 +64,14 @@ from engine import __version__
 from engine.core.channel import Channel, FullPolicy
 from engine.core.errors import ChannelClosed, UsageError
 from engine.events import EVENT_TYPES, NOTICE_TYPES, json_schema, make_event
+from engine.http import HeadError, HttpHandler, HttpReply, HttpRequest, RequestReader, request_line
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 256
 """Events queued per client before the oldest are dropped."""
+MAX_REQUEST_LINE = 8192
+"""Longest HTTP request line looked at before deciding who reads a connection."""
 MAX_FILTER_ENTRIES = 256
 """Most entries in the ``streams`` or ``events`` list of one subscription."""
 EVENTS_PATH = "/events"
@@ -389,14 +393,21 @@ def _excerpt(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-_INDEX_HTML = """<!doctype html>
-<html lang="en"><meta charset="utf-8"><title>talkscope event server</title>
-<h1>talkscope event server</h1>
-<p>{server}. Events are JSON messages on the WebSocket <code>ws://HOST:PORT/events</code>{auth}.
-<p>Watch them with <code>talkscope watch ws://HOST:PORT/events</code>; their schema is at
-<a href="/schema.json">/schema.json</a>.
-</html>
-"""
+_WEB_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+
+def _page_file(path: str) -> tuple[bytes, str] | None:
+    """The page's static files, shipped in ``engine/assets/web`` (no build step)."""
+    entry = _WEB_FILES.get(path)
+    if entry is None:
+        return None
+    name, content_type = entry
+    return resources.files("engine.assets").joinpath("web", name).read_bytes(), content_type
 
 
 class EventServer:
@@ -423,6 +434,9 @@ class EventServer:
         ping_timeout_s: a client that does not answer a ping within this is disconnected.
         close_timeout_s: how long one closing handshake may take.
         open_timeout_s: how long one opening handshake may take.
+        http_handlers: path prefix -> handler for plain HTTP requests with a body (the WHIP
+            endpoint); the token, when set, is checked before the handler runs (but for
+            ``OPTIONS``, the browsers' preflight). See :mod:`engine.http`.
     """
 
     def __init__(
@@ -440,6 +454,7 @@ class EventServer:
         ping_timeout_s: float | None = 20.0,
         close_timeout_s: float = 2.0,
         open_timeout_s: float = 10.0,
+        http_handlers: Mapping[str, HttpHandler] | None = None,
     ) -> None:
         """See the class docstring."""
         if token is not None and not token:
@@ -463,6 +478,8 @@ class EventServer:
         self._connections: set[ServerConnection] = set()  # WebSocket clients being served
         self._live: set[ServerConnection] = set()  # every TCP connection, handshakes included
         self._schema_body = json.dumps(json_schema(), indent=2).encode("utf-8")
+        self._http_handlers = dict(http_handlers or {})
+        self._http_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -499,17 +516,45 @@ class EventServer:
 
     def _serve(self) -> Server:
         live = self._live
+        owner = self
 
         class TrackedConnection(ServerConnection):
             """A connection this server knows from its first byte, handshake included.
 
             websockets lists connections only once their handshake is done; aclose must be
-            able to abort any of them.
+            able to abort any of them. The first bytes decide who reads the connection:
+            websockets, or :meth:`EventServer._http_data` for a request with a body.
             """
+
+            front = b""
+            mode = ""  # "" until the request line is in, then "ws" or "http"
+            reader: RequestReader | None = None
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
                 live.add(self)
+
+            def data_received(self, data: bytes) -> None:
+                if self.mode == "ws":
+                    super().data_received(data)
+                elif self.mode == "http":
+                    owner._http_data(self, data)
+                else:
+                    self._route_first(data)
+
+            def _route_first(self, data: bytes) -> None:
+                self.front += data
+                line = request_line(self.front)
+                if line is None and len(self.front) <= MAX_REQUEST_LINE:
+                    return
+                data, self.front = self.front, b""
+                if line is not None and not owner._is_http(*line):
+                    self.mode = "ws"
+                    super().data_received(data)
+                    return
+                self.mode = "http"
+                self.reader = RequestReader(_peer(self))
+                owner._http_data(self, data)
 
             def connection_lost(self, exc: Exception | None) -> None:
                 live.discard(self)
@@ -551,6 +596,10 @@ class EventServer:
             self._closed.set()
 
     async def _shut(self, server: Server) -> None:
+        http_tasks = list(self._http_tasks)
+        for task in http_tasks:
+            task.cancel()
+        await asyncio.gather(*http_tasks, return_exceptions=True)
         server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="server closing")
         try:
             async with asyncio.timeout(self.close_timeout_s + 1.0):
@@ -594,9 +643,7 @@ class EventServer:
         if given is None:
             values = parse_qs(query).get("token")
             given = values[-1] if values else None
-        if given is None:
-            return False
-        return hmac.compare_digest(given.encode("utf-8"), self._token)
+        return self._token_ok(given)
 
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         """``process_request``: HTTP routes, and the token check of the WebSocket handshake."""
@@ -616,11 +663,78 @@ class EventServer:
             return _http_response(http.HTTPStatus.OK, body.encode(), "application/json")
         if path == "/schema.json":
             return _http_response(http.HTTPStatus.OK, self._schema_body, "application/json")
-        if path in {"/", "/index.html"}:
-            auth = " (add <code>?token=TOKEN</code>)" if self._token is not None else ""
-            page = _INDEX_HTML.format(server=SERVER_NAME, auth=auth)
-            return _http_response(http.HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+        page = _page_file(path)
+        if page is not None:
+            return _http_response(http.HTTPStatus.OK, *page)
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    # -- HTTP requests with a body (engine.http) --------------------------------------------
+
+    def _is_http(self, method: str, path: str) -> bool:
+        if method != "GET":
+            return True
+        return any(path.startswith(prefix) for prefix in self._http_handlers)
+
+    def _http_data(self, connection: Any, data: bytes) -> None:
+        """Feed one connection's bytes to its request reader; answer when complete."""
+        reader: RequestReader | None = connection.reader
+        if reader is None:
+            return  # answered already: ignore what else arrives
+        try:
+            request = reader.feed(data)
+        except HeadError as error:
+            connection.reader = None
+            self._write_reply(connection, HttpReply.text(error.status, str(error)))
+            return
+        if request is None:
+            return
+        connection.reader = None
+        task = asyncio.create_task(self._answer_http(connection, request), name="http-request")
+        self._http_tasks.add(task)
+        task.add_done_callback(self._http_tasks.discard)
+
+    async def _answer_http(self, connection: ServerConnection, request: HttpRequest) -> None:
+        try:
+            reply = await self._dispatch(request)
+        except Exception:  # a bug of ours: answer 500, keep serving everyone else
+            logger.exception("event server: %s %s failed", request.method, request.path)
+            reply = HttpReply.text(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+        logger.info(
+            "event server: %s %s %s -> %d",
+            request.peer,
+            request.method,
+            request.path,
+            reply.status.value,
+        )
+        self._write_reply(connection, reply)
+
+    async def _dispatch(self, request: HttpRequest) -> HttpReply:
+        for prefix, handler in self._http_handlers.items():
+            if request.path.startswith(prefix):
+                if request.method != "OPTIONS" and not self._token_ok(request.bearer()):
+                    return HttpReply(
+                        http.HTTPStatus.UNAUTHORIZED,
+                        b"missing or wrong token\n",
+                        headers={"WWW-Authenticate": 'Bearer realm="talkscope"'},
+                    )
+                return await handler(request)
+        return HttpReply(
+            http.HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", headers={"Allow": "GET"}
+        )
+
+    def _token_ok(self, given: str | None) -> bool:
+        if self._token is None:
+            return True
+        return given is not None and hmac.compare_digest(given.encode("utf-8"), self._token)
+
+    @staticmethod
+    def _write_reply(connection: ServerConnection, reply: HttpReply) -> None:
+        date = email.utils.formatdate(usegmt=True)
+        transport = connection.transport
+        if transport.is_closing():
+            return
+        transport.write(reply.encode(SERVER_NAME.replace(" ", "/"), date))
+        transport.close()
 
     # -- WebSocket -----------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from engine.runtime.batcher import Batcher
 from engine.sources import open_source
 from engine.sources.base import MediaSource, SourceState, SourceStateChange
 from engine.sources.kinds import redact
+from engine.sources.webrtc import WebRtcSource
 from engine.vision.crops import CropConfig
 from engine.vision.geometry import Box
 from engine.vision.stage import FaceConfig, FaceCrops, FaceStage, TrackEnded, TrackStarted
@@ -241,13 +242,21 @@ class LiveStream:
         models: the engine's shared models.
         publish: where events go (called on the event loop; must not block).
         config: the engine's settings.
+        source: a source opened elsewhere (a WebRTC publisher) instead of ``uri``.
     """
 
     def __init__(
-        self, uri: str, stream_id: str, models: LiveModels, publish: Publish, config: LiveConfig
+        self,
+        uri: str,
+        stream_id: str,
+        models: LiveModels,
+        publish: Publish,
+        config: LiveConfig,
+        source: WebRtcSource | None = None,
     ) -> None:
         """See the class docstring."""
         self.uri = uri
+        self.given_source = source
         self.source_name = redact(uri)  # what events show: credentials removed
         self.stream_id = stream_id
         self.models = models
@@ -271,7 +280,7 @@ class LiveStream:
             name: Percentiles() for name in ("faces", "model", "analysis", "end_to_end")
         }
         self.counters = {"video_frames": 0, "audio_chunks": 0, "track_resets": 0, "events": 0}
-        self.source: MediaSource | None = None
+        self.source: MediaSource | WebRtcSource | None = None
         self.state = "connecting"
         self._last_frame_ns = time.monotonic_ns()
         self._stalled = False
@@ -310,7 +319,10 @@ class LiveStream:
                     "stream", None, state="error", source=self.source_name, message=str(error)
                 )
 
-    async def _run(self) -> None:
+    def _open(self) -> MediaSource | WebRtcSource:
+        if self.given_source is not None:
+            self.given_source.listeners.append(self._on_state)
+            return self.given_source
         source = open_source(
             self.uri,
             self.stream_id,
@@ -320,7 +332,10 @@ class LiveStream:
             require_video=False,
         )
         source.late_video_ns = LATE_VIDEO_NS  # a paced file drops late video as a live one would
-        self.source = source
+        return source
+
+    async def _run(self) -> None:
+        source = self.source = self._open()
         async with (
             source,
             Pipeline[Any](
@@ -344,7 +359,7 @@ class LiveStream:
                 for track in list(self.tracks.values()):
                     await self._stop_track(track)
 
-    async def _stamped(self, source: MediaSource) -> AsyncIterator[Frame]:
+    async def _stamped(self, source: MediaSource | WebRtcSource) -> AsyncIterator[Frame]:
         async for frame in source:
             now = time.monotonic_ns()
             self._last_frame_ns = now
@@ -554,7 +569,8 @@ class LiveStream:
         self._latency_of(max(newest_crop, until + AUDIO_CONTEXT_FRAMES))
         if sync is not None:
             end = sync.pop("end_frame")
-            self._emit("sync", self._pts_of(end), track_id=track.track_id, **sync)
+            box = track.boxes.get(end, track.box)
+            self._emit("sync", self._pts_of(end), track_id=track.track_id, box=box, **sync)
         await self._speaker_update(until)
 
     @staticmethod
@@ -767,6 +783,8 @@ class LiveEngine:
             given as ``ID=URI``.
         publish: called on the event loop with every event.
         config: settings.
+
+    More streams join a running engine with :meth:`add_source` (WebRTC publishers).
     """
 
     def __init__(
@@ -777,14 +795,37 @@ class LiveEngine:
         self.publish = publish
         self.sources = [split_source(text, index) for index, text in enumerate(sources)]
         self.streams: list[LiveStream] = []
+        self._models: LiveModels | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._waiting: list[WebRtcSource] = []
 
-    async def run(self) -> None:
-        """Run every stream until all have ended (or the task is cancelled)."""
+    async def run(self, *, keep_running: bool = False) -> None:
+        """Run every stream until all have ended, or until cancelled with ``keep_running``."""
         async with LiveModels(self.config) as models, asyncio.TaskGroup() as group:
+            self._models, self._group = models, group
             for stream_id, uri in self.sources:
-                stream = LiveStream(uri, stream_id, models, self.publish, self.config)
-                self.streams.append(stream)
-                group.create_task(stream.run(), name=f"stream:{stream_id}")
+                self._start(LiveStream(uri, stream_id, models, self.publish, self.config))
+            waiting, self._waiting = self._waiting, []
+            for source in waiting:
+                self.add_source(source)
+            if keep_running:
+                await asyncio.Future()  # until cancelled
+        self._models = self._group = None
+
+    def add_source(self, source: WebRtcSource) -> None:
+        """Run one more stream, from a source opened elsewhere. Loop affinity: the engine's."""
+        if self._models is None:
+            self._waiting.append(source)  # the models are still loading
+            return
+        uri = f"webrtc:{source.stream_id}"
+        self._start(
+            LiveStream(uri, source.stream_id, self._models, self.publish, self.config, source)
+        )
+
+    def _start(self, stream: LiveStream) -> None:
+        assert self._group is not None
+        self.streams.append(stream)
+        self._group.create_task(stream.run(), name=f"stream:{stream.stream_id}")
 
 
 def split_source(text: str, index: int) -> tuple[str, str]:

@@ -86,6 +86,7 @@ SAMPLES: list[tuple[str, str | None, int | None, dict[str, Any]]] = [
             "window_s": 2.0,
             "frames": 40,
             "reason": None,
+            "box": [10.0, 20.0, 110.0, 140.0],
         },
     ),
     (
@@ -102,6 +103,7 @@ SAMPLES: list[tuple[str, str | None, int | None, dict[str, Any]]] = [
             "window_s": 2.0,
             "frames": 3,
             "reason": "too few windows",
+            "box": [0.0, 0.0, 50.0, 60.0],
         },
     ),
     ("stats", "cam1", 12_600_000_000, STATS),
