@@ -682,6 +682,8 @@ class LiveStream:
         while True:
             await asyncio.sleep(0.5)
             idle_s = (time.monotonic_ns() - self._last_frame_ns) / 1e9
+            if self.first_arrival_ns is None:
+                continue  # not started yet (a WebRTC source waits for its sender reports)
             if self.state == "started" and not self._stalled and idle_s > self.config.stall_after_s:
                 self._stalled = True
                 self._emit(

@@ -49,6 +49,8 @@ SYNC_TIMEOUT_S = 3.0
 """How long frames wait for the sender reports that line audio up with video."""
 CLOSE_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 10.0
+NTP_TO_UNIX_NS = 2_208_988_800 * NS_PER_S
+"""NTP counts from 1900, Unix from 1970."""
 
 
 def ntp_to_ns(ntp: int) -> int:
@@ -202,6 +204,15 @@ class WebRtcSource:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         pc.on("connectionstatechange", self._connection_changed)
+
+    @property
+    def base_ns(self) -> int | None:
+        """The sender-clock time (ns since the NTP epoch, 1900) of ``pts_ns`` 0, once known.
+
+        With an aiortc or browser sender that is its wall clock, so ``base_ns + pts_ns`` minus
+        :data:`NTP_TO_UNIX_NS` is when the sender sent (captured) that media, in Unix ns.
+        """
+        return self._base_ns
 
     @staticmethod
     def _watch(track: MediaStreamTrack, receiver: RTCRtpReceiver) -> _Track:
