@@ -312,12 +312,15 @@ class LiveStream:
         """Process the source until it ends; failures become ``stream`` error events."""
         try:
             await self._run()
-        except EngineError as error:
-            log.warning("%s: %s", self.stream_id, error)
+        except Exception as error:  # one broken stream never stops the others
+            cause = _engine_error(error)
+            if cause is None:
+                log.exception("%s: the stream failed", self.stream_id)
+            else:
+                log.warning("%s: %s", self.stream_id, cause)
             if self.state != "error":
-                self._emit(
-                    "stream", None, state="error", source=self.source_name, message=str(error)
-                )
+                message = str(cause) if cause is not None else f"internal error: {error!r}"
+                self._emit("stream", None, state="error", source=self.source_name, message=message)
 
     def _open(self) -> MediaSource | WebRtcSource:
         if self.given_source is not None:
@@ -720,6 +723,18 @@ class LiveStream:
                 k.removesuffix("_ms"): v for k, v in self.latency["end_to_end"].summary().items()
             },
         }
+
+
+def _engine_error(error: BaseException) -> EngineError | None:
+    """The EngineError behind ``error``, also inside the exception groups of task groups."""
+    if isinstance(error, EngineError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _engine_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _rounded(box: Box) -> list[float]:

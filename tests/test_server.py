@@ -600,7 +600,10 @@ async def test_http_routes() -> None:
         assert json.loads(body) == json_schema()
         status, kind, body = await asyncio.to_thread(http_get, base + "/")
         assert status == 200 and kind.startswith("text/html")
-        assert b"talkscope event server" in body and b"/events" in body
+        assert b"<title>talkscope" in body and b"app.js" in body
+        for path, kind_prefix in (("/app.js", "text/javascript"), ("/style.css", "text/css")):
+            status, kind, body = await asyncio.to_thread(http_get, base + path)
+            assert status == 200 and kind.startswith(kind_prefix) and body
         status, _, _ = await asyncio.to_thread(http_get, base + "/health")
         assert status == 401
         status, _, _ = await asyncio.to_thread(http_get, base + "/health?token=wrong")

@@ -256,40 +256,49 @@ async def test_publish_gives_the_same_events_as_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-async def test_a_publisher_that_vanishes_becomes_an_error_and_others_go_on() -> None:
+async def test_a_publisher_that_vanishes_is_an_error_others_go_on_and_it_comes_back() -> None:
+    """Kill -9 a publisher: its stream stalls then errors, the file stream goes on, and the
+    same stream id publishing again is a live stream again."""
     german = str(clip(GERMAN))
     async with serving("--source", f"file={german}", "--loop") as url:
         events: list[dict[str, Any]] = []
-
-        async def watch() -> None:
-            from clients.talkscope_client import TalkscopeClient
-
-            gone = False
-            async with TalkscopeClient(url) as client:
-                async for event in client.events():
-                    events.append(event)
-                    if gone and event["stream_id"] == "file" and event["type"] != "stats":
-                        return  # the file stream goes on after the publisher is gone
-                    if event["type"] == "stream" and event["stream_id"] == "gone":
-                        gone = gone or event["state"] == "error"
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(watch_until_back(url, events))
         process = await publish_process(german, "--to", whip_url(url) + "?stream=gone")
         await asyncio.sleep(scaled(6))
         process.send_signal(signal.SIGKILL)  # no DELETE, no RTCP BYE: it just vanishes
         await process.wait()
-        await asyncio.wait_for(watcher, scaled(40))
-        status, _, body = await asyncio.to_thread(
+        for _ in range(int(scaled(40) * 10)):
+            if any(e["stream_id"] == "gone" and e.get("state") == "error" for e in events):
+                break
+            await asyncio.sleep(0.1)
+        again = await publish_process(german, "--to", whip_url(url) + "?stream=gone")
+        await asyncio.wait_for(watcher, scaled(60))
+        again.terminate()  # SIGTERM: the publisher ends its session with a DELETE
+        assert await asyncio.wait_for(again.wait(), scaled(20)) == 0
+        status, _, _ = await asyncio.to_thread(
             http_call, "GET", url.replace("ws://", "http://").replace("/events", "/health")
         )
         assert status == http.HTTPStatus.OK
-    gone = [e for e in events if e["stream_id"] == "gone" and e["type"] == "stream"]
-    assert gone[-1]["state"] == "error" and "no media" in gone[-1]["message"], gone
-    file_after = [
-        e
-        for e in events
-        if e["stream_id"] == "file"
-        and e["type"] != "stats"
-        and e["wall_time_ns"] > gone[-1]["wall_time_ns"]
-    ]
-    assert file_after, "the file stream stopped with the vanished publisher"
+    states = [e["state"] for e in events if e["stream_id"] == "gone" and e["type"] == "stream"]
+    assert states[:1] == ["started"] and "error" in states, states
+    errors = [e for e in events if e["stream_id"] == "gone" and e.get("state") == "error"]
+    assert "no media" in errors[0]["message"]
+    assert states[states.index("error") + 1] == "started", states  # it came back
+    after = [e for e in events if e["wall_time_ns"] > errors[0]["wall_time_ns"]]
+    assert any(e["stream_id"] == "file" and e["type"] == "sync" for e in after)
+    assert any(e["stream_id"] == "gone" and e["type"] == "sync" for e in after)
+
+
+async def watch_until_back(url: str, events: list[dict[str, Any]]) -> None:
+    """Collect events until the stream ``gone`` errored and then gave sync events again."""
+    from clients.talkscope_client import TalkscopeClient
+
+    errored = False
+    async with TalkscopeClient(url) as client:
+        async for event in client.events():
+            events.append(event)
+            if event["stream_id"] != "gone":
+                continue
+            errored = errored or event.get("state") == "error"
+            if errored and event["type"] == "sync" and event["state"] == "ok":
+                return
