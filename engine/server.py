@@ -76,6 +76,8 @@ MAX_FILTER_ENTRIES = 256
 """Most entries in the ``streams`` or ``events`` list of one subscription."""
 EVENTS_PATH = "/events"
 SERVER_NAME = f"talkscope {__version__}"
+SERVER_HEADER = SERVER_NAME.replace(" ", "/")
+"""``Server:`` header of every HTTP answer (a product token has no spaces)."""
 
 _NOTICES = frozenset(NOTICE_TYPES)
 _KNOWN_TYPES = frozenset(EVENT_TYPES)
@@ -573,7 +575,7 @@ class EventServer:
             ping_timeout=self.ping_timeout_s,
             close_timeout=self.close_timeout_s,
             open_timeout=self.open_timeout_s,
-            server_header=SERVER_NAME.replace(" ", "/"),
+            server_header=SERVER_HEADER,
             create_connection=TrackedConnection,
         )
 
@@ -733,7 +735,7 @@ class EventServer:
         transport = connection.transport
         if transport.is_closing():
             return
-        transport.write(reply.encode(SERVER_NAME.replace(" ", "/"), date))
+        transport.write(reply.encode(SERVER_HEADER, date))
         transport.close()
 
     # -- WebSocket -----------------------------------------------------------------------

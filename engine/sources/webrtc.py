@@ -149,7 +149,6 @@ class _Track:
     receiver: RTCRtpReceiver
     timeline: RtpTimeline
     waiting: list[tuple[av.AudioFrame | av.VideoFrame, int]] = field(default_factory=list)
-    frames: int = 0
 
 
 class WebRtcSource:
@@ -273,8 +272,7 @@ class WebRtcSource:
             return
         self._notify(SourceState.ENDED, reason)
         self._channel.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
+        await self._close_pc()
 
     async def aclose(self) -> None:
         """Stop the readers and close the peer connection (bounded). Idempotent."""
@@ -287,6 +285,10 @@ class WebRtcSource:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._close_pc()
+
+    async def _close_pc(self) -> None:
+        """Close the peer connection, waiting at most ``CLOSE_TIMEOUT_S``."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
 
@@ -302,7 +304,6 @@ class WebRtcSource:
                     item.timeline.origin = _rtp_origin(item.receiver)
                 self._last_media_s = time.monotonic()
                 item.waiting.append((frame, time.time_ns()))
-                item.frames += 1
                 if self._base_ns is not None or self._set_base():
                     await self._flush(item)
         except (MediaStreamError, ChannelClosed):
@@ -331,7 +332,7 @@ class WebRtcSource:
             idle_s = time.monotonic() - self._last_media_s
             if idle_s > self.idle_timeout_s and not self._channel.closed:
                 self._fail(f"no media for {idle_s:.0f} s: the publisher is gone")
-                await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
+                await self._close_pc()
 
     def _fail(self, message: str) -> None:
         self._error = SourceUnavailable(f"{self.stream_id}: {message}")
