@@ -6,9 +6,10 @@ sender's clock to the arrival of the event about it at a WebSocket client (p50/p
 many concurrent publishers (one face each) does this machine keep in real time with no video
 dropped and no track restarted?
 
-Method: the server runs in-process exactly as ``talkscope serve`` assembles it (event hub, WHIP
-endpoint, live engine); a :class:`~clients.talkscope_client.TalkscopeClient` on loopback stamps
-each ``speaker`` and ``sync`` event's arrival with ``time.time_ns()``. The media timestamp of an
+Method: the server runs in-process, assembled by ``talkscope serve``'s own
+:func:`pipelines.serve.assemble` (event hub, WHIP endpoint, live engine); a
+:class:`~clients.talkscope_client.TalkscopeClient` on loopback stamps each ``speaker`` and
+``sync`` event's arrival with ``time.time_ns()``. The media timestamp of an
 event is its ``pts_ns`` plus the stream's base on the sender's clock (RTCP sender reports; for
 aiortc the send time of the frame, which is when the publisher played it: capture time for a
 file). Sender and server share this machine's clock, so the difference is the latency: network,
@@ -33,39 +34,27 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment, write_report  # noqa: E402
 from clients.talkscope_client import TalkscopeClient  # noqa: E402
-from engine.server import EventHub, EventServer  # noqa: E402
 from engine.sources.webrtc import NTP_TO_UNIX_NS, WebRtcSource  # noqa: E402
-from engine.whip import WhipEndpoint  # noqa: E402
-from pipelines.live import LiveConfig, LiveEngine  # noqa: E402
+from pipelines.live import Percentiles  # noqa: E402
+from pipelines.serve import ServeOptions, assemble  # noqa: E402
 
 CLIP = REPO.parent / "shared" / "data" / "av" / "mimictalk" / "German_20s.mp4"
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
-    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}
+    """``p50``, ``p95``, ``p99`` in ms, as the engine's ``stats`` events give them."""
+    summary = Percentiles(size=max(1, len(values)))
+    for value in values:
+        summary.add(value)
+    return {name.removesuffix("_ms"): value for name, value in summary.summary().items()}
 
 
 async def run(publishers: int, seconds: float) -> dict[str, Any]:
     """``publishers`` processes publish the clip for ``seconds``; latencies and drops."""
-    hub = EventHub(max_queue=4096)
-    engine = LiveEngine([], hub.publish, LiveConfig())
-    sources: dict[str, WebRtcSource] = {}
-
-    def on_publish(source: WebRtcSource) -> None:
-        sources[source.stream_id] = source
-        hub.add_stream(source.stream_id)
-        engine.add_source(source)
-
-    whip = WhipEndpoint(on_publish, max_publishers=publishers)
+    served = assemble(ServeOptions([], port=0, max_publishers=publishers))
+    engine, server = served.engine, served.server
     arrivals: list[tuple[int, dict[str, Any]]] = []
-    async with EventServer(hub, http_handlers={"/whip": whip.handle}) as server:
+    async with server:
         engine_task = asyncio.create_task(engine.run(keep_running=True))
         client_task = asyncio.create_task(collect(server.url, arrivals))
         base = f"http://127.0.0.1:{server.port}/whip"
@@ -90,10 +79,15 @@ async def run(publishers: int, seconds: float) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         stats = {stream.stream_id: stream.stats() for stream in engine.streams}
         resets = {stream.stream_id: stream.counters["track_resets"] for stream in engine.streams}
-        await whip.aclose()
+        await served.whip.aclose()
         for task in (client_task, engine_task):
             task.cancel()
         await asyncio.gather(client_task, engine_task, return_exceptions=True)
+    sources = {
+        stream.stream_id: stream.source
+        for stream in engine.streams
+        if isinstance(stream.source, WebRtcSource)
+    }
     latencies: list[float] = []
     by_type: dict[str, list[float]] = {"speaker": [], "sync": []}
     for arrival_ns, event in arrivals:

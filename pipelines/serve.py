@@ -40,8 +40,17 @@ class ServeOptions:
     ice_servers: Sequence[str] = ()
 
 
-async def serve(options: ServeOptions, out: TextIO = sys.stdout) -> int:
-    """Run until a signal arrives (or, with ``exit_when_done``, until every source has ended)."""
+@dataclass(frozen=True)
+class Served:
+    """The parts ``talkscope serve`` runs, wired together (nothing started yet)."""
+
+    engine: LiveEngine
+    whip: WhipEndpoint
+    server: EventServer
+
+
+def assemble(options: ServeOptions) -> Served:
+    """Hub, engine, WHIP endpoint and event server as ``talkscope serve`` wires them."""
     hub = EventHub()
     for index, text in enumerate(options.sources):
         hub.add_stream(split_source(text, index)[0])
@@ -55,15 +64,22 @@ async def serve(options: ServeOptions, out: TextIO = sys.stdout) -> int:
         on_publish, max_publishers=options.max_publishers, ice_servers=options.ice_servers
     )
     handlers = {WHIP_PATH: whip.handle} if options.whip else {}
+    server = EventServer(
+        hub, options.host, options.port, token=options.token, http_handlers=handlers
+    )
+    return Served(engine, whip, server)
+
+
+async def serve(options: ServeOptions, out: TextIO = sys.stdout) -> int:
+    """Run until a signal arrives (or, with ``exit_when_done``, until every source has ended)."""
+    served = assemble(options)
+    engine, whip, server = served.engine, served.whip, served.server
     keep_running = options.whip and not (options.exit_when_done and options.sources)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    server = EventServer(
-        hub, options.host, options.port, token=options.token, http_handlers=handlers
-    )
     async with server:
         _announce(options, server, out)
         engine_task = asyncio.create_task(engine.run(keep_running=keep_running), name="engine")
