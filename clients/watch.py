@@ -187,6 +187,12 @@ def _details(kind: str, e: Mapping[str, Any]) -> str:
             f"track {e['track_id']} {e['offset_ms']:+.0f} ms ({e['offset_frames']:+d} frames) "
             f"conf {confidence}"
         )
+    if kind == "identity":
+        who = e["name"] or f"identity {e['identity_id']}"
+        where = f"track {e['track_id']}" if e["track_id"] is not None else "off-screen voice"
+        face = "" if e["face_score"] is None else f", face {e['face_score']:.2f}"
+        voice = "" if e["voice_match"] is None else f", voice match {e['voice_match']:.2f}"
+        return f"{where} is {who}{face}{voice} ({e['evidence_s']:.1f} s)"
     if kind == "stats":
         latency = e["latency_ms"]
         drops = sum(e["drops"].values())

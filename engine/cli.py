@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-whip", action="store_true", help="refuse WebRTC publishers (no /whip endpoint)"
     )
     serve.add_argument(
+        "--gallery",
+        type=Path,
+        default=None,
+        metavar="DB",
+        help="identity gallery whose names events carry (default: $TALKSCOPE_GALLERY or "
+        "~/.local/share/talkscope/gallery.db when it exists); re-read when it changes",
+    )
+    serve.add_argument(
+        "--no-identity", action="store_true", help="no identity events (saves the PINs towers' CPU)"
+    )
+    serve.add_argument(
         "--max-publishers", type=int, default=8, help="WebRTC publishers at once (default 8)"
     )
     serve.add_argument(
@@ -197,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clients.watch import add_watch_parser
 
     add_watch_parser(commands)  # type: ignore[arg-type]  # _Parser is an ArgumentParser
+    from pipelines.identity_cli import add_identity_parsers
+
+    add_identity_parsers(commands)
 
     models = commands.add_parser(
         "models",
@@ -243,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from clients.watch import run_watch
 
             return run_watch(args)
+        if args.command in ("enroll", "identify", "train"):
+            return _identity(args)
         raise UsageError(f"unknown command {args.command!r}")
     except KeyboardInterrupt:
         print("talkscope: interrupted", file=sys.stderr)
@@ -253,6 +269,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug: one line, and the traceback with --debug
         _report(error, debug)
         return EXIT_FAILURE
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from pipelines import identity_cli
+
+    if args.command == "enroll":
+        return identity_cli.run_enroll(args)
+    if args.command == "train":
+        return identity_cli.run_train(args)
+    return identity_cli.run_identify(
+        args, lambda error, quiet: _report(error, args.debug, quiet=quiet)
+    )
 
 
 def exit_code(error: BaseException) -> int:
@@ -538,7 +566,14 @@ async def _serve(args: argparse.Namespace) -> int:
     if not sources and not args.no_demo:
         sources, loop = [f"demo={demo_clip()}"], True
     token = args.token if args.token is not None else os.environ.get("TALKSCOPE_TOKEN")
-    config = LiveConfig(window_s=args.window_s, loop_files=loop, providers=args.providers)
+    gallery = _serve_gallery(args)
+    config = LiveConfig(
+        window_s=args.window_s,
+        loop_files=loop,
+        providers=args.providers,
+        identity=not args.no_identity,
+        gallery=gallery,
+    )
     options = ServeOptions(
         sources,
         args.host,
@@ -551,6 +586,25 @@ async def _serve(args: argparse.Namespace) -> int:
         ice_servers=tuple(args.ice_server),
     )
     return await serve(options)
+
+
+def _serve_gallery(args: argparse.Namespace) -> Path | None:
+    """The gallery ``serve`` names people from.
+
+    ``--gallery`` (which must exist), else the default one when it exists, else none.
+    """
+    from engine.identity.gallery import Gallery, default_gallery_path
+
+    if args.no_identity:
+        return None
+    path = args.gallery if args.gallery is not None else default_gallery_path()
+    if not path.exists():
+        if args.gallery is not None:
+            raise UsageError(f"no gallery at {path}; enroll someone first (talkscope enroll)")
+        return None
+    with Gallery(path, create=False):  # a corrupt or foreign file stops here, exit 2
+        pass
+    return Path(path)
 
 
 def _describe_sync(report: FileSyncReport) -> str:

@@ -10,10 +10,10 @@ Every event is a JSON object with five common fields, then the fields of its typ
     wall_time_ns    int        unix epoch ns when the event was made
 
 Types made by the pipeline (a client can filter on them): ``stream``, ``track_start``,
-``track_end``, ``speaker``, ``sync`` and ``stats``. Notices the server sends to one client (always
-delivered, whatever the client's filter): ``hello``, ``subscribed``, ``dropped``, ``error`` and
-``pong``. Boxes are ``[x0, y0, x1, y1]`` in source pixels. Every field of a type is always present;
-"unknown" is an explicit null, never a missing key.
+``track_end``, ``speaker``, ``sync``, ``identity`` and ``stats``. Notices the server sends to
+one client (always delivered, whatever the client's filter): ``hello``, ``subscribed``,
+``dropped``, ``error`` and ``pong``. Boxes are ``[x0, y0, x1, y1]`` in source pixels. Every
+field of a type is always present; "unknown" is an explicit null, never a missing key.
 
 :func:`make_event` is the only constructor: it fills the common fields, checks that exactly the
 fields of the type are given, converts NumPy scalars and tuples to plain JSON values, and refuses
@@ -54,7 +54,15 @@ ERROR_CODES = ("bad_json", "too_large", "bad_request", "too_many", "rate_limited
 """Codes of ``error`` notices: unparsable JSON, a message over the size limit, a message the
 protocol does not allow, a subscription listing too many entries, a client sending too fast."""
 
-PIPELINE_EVENT_TYPES = ("stream", "track_start", "track_end", "speaker", "sync", "stats")
+PIPELINE_EVENT_TYPES = (
+    "stream",
+    "track_start",
+    "track_end",
+    "speaker",
+    "sync",
+    "identity",
+    "stats",
+)
 """Event types the pipeline publishes; clients filter on these."""
 NOTICE_TYPES = ("hello", "subscribed", "dropped", "error", "pong")
 """Server-to-one-client notices; ``stream_id`` and ``pts_ns`` are always null."""
@@ -129,6 +137,18 @@ class SyncEvent(_Common):
     box: Box
 
 
+class IdentityEvent(_Common):
+    """Who a face (or an off-screen voice) is, and whether the current speech is theirs."""
+
+    type: Literal["identity"]
+    track_id: int | None
+    identity_id: int
+    name: str | None
+    face_score: float | None
+    voice_match: float | None
+    evidence_s: float
+
+
 class StagePercentiles(TypedDict):
     """Per-stage processing time percentiles, ms (null before any sample)."""
 
@@ -199,6 +219,7 @@ Event = (
     | TrackEndEvent
     | SpeakerEvent
     | SyncEvent
+    | IdentityEvent
     | StatsEvent
     | HelloEvent
     | SubscribedEvent
@@ -214,6 +235,7 @@ TYPED_EVENTS: dict[str, type[Any]] = {
     "track_end": TrackEndEvent,
     "speaker": SpeakerEvent,
     "sync": SyncEvent,
+    "identity": IdentityEvent,
     "stats": StatsEvent,
     "hello": HelloEvent,
     "subscribed": SubscribedEvent,
@@ -407,6 +429,14 @@ _FIELDS: dict[str, dict[str, _Field]] = {
         "reason": _string(nullable=True),
         "box": _box(),
     },
+    "identity": {
+        "track_id": _integer(nullable=True),
+        "identity_id": _integer(minimum=1),
+        "name": _string(nullable=True),
+        "face_score": _number(minimum=-1.0, maximum=1.0, nullable=True),
+        "voice_match": _number(minimum=-1.0, maximum=1.0, nullable=True),
+        "evidence_s": _number(minimum=0.0),
+    },
     "stats": {
         "stages": _stage_map(),
         "queues": _count_map(),
@@ -439,6 +469,14 @@ _DESCRIPTIONS = {
         "Audio-video offset of one track over a sliding window of window_s seconds; positive "
         "= audio leads the lips. state unknown comes with a reason and null estimates. box is the "
         "track's box at the end of the window."
+    ),
+    "identity": (
+        "Who a face track is (track_id), or an off-screen voice (track_id null): identity_id "
+        "is stable within the stream (a face that leaves and comes back gets it again); name "
+        "is the enrolled name or null; face_score is the face cosine to whom it was recognised "
+        "as (null when new); voice_match is P(the current speech is this face's voice), "
+        "calibrated, null without recent speech (for an off-screen voice: the voice cosine to "
+        "the voice it was recognised as); evidence_s is the seconds of face and voice behind it."
     ),
     "stats": "Stage, queue, drop and end-to-end latency figures of a stream (or the server).",
     "hello": "First message of every connection: known streams and event types.",

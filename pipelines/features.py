@@ -7,6 +7,7 @@ MFCC that the live engine computes.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ class TrackFeatures:
         lips: normalised lip points ``(T, 40, 2)`` float32.
         observed: whether the face was seen in each frame ``(T,)``.
         box: the track's median box ``[x0, y0, x1, y1]``, source pixels.
+        aligned: ArcFace-aligned identity crops ``(T, 112, 112, 3)`` RGB uint8 (only when
+            asked for).
     """
 
     track_id: int
@@ -42,6 +45,7 @@ class TrackFeatures:
     lips: npt.NDArray[np.float32]
     observed: npt.NDArray[np.bool_]
     box: list[float]
+    aligned: npt.NDArray[np.uint8] | None = None
 
 
 @dataclass
@@ -56,6 +60,8 @@ class ClipFeatures:
         mfcc_start_ns: start of the first MFCC frame's analysis window.
         mfcc_preset: the preset used.
         tracks: the face tracks.
+        audio: the 16 kHz mono samples of the longest continuous audio run (only when asked
+            for), starting at ``audio_start_ns``.
     """
 
     source: str
@@ -67,14 +73,19 @@ class ClipFeatures:
     mfcc_start_ns: int = 0
     mfcc_preset: str = "hamming"
     tracks: list[TrackFeatures] = field(default_factory=list)
+    audio: npt.NDArray[np.int16] = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
+    audio_start_ns: int = 0
 
 
 class _Collector:
-    def __init__(self, want_face: bool) -> None:
+    def __init__(self, want_face: bool, want_aligned: bool, want_audio: bool) -> None:
         self.want_face = want_face
+        self.want_aligned = want_aligned
+        self.want_audio = want_audio
         self.crops: dict[int, list[FaceCrops]] = {}
         self.tracks: list[TrackFeatures] = []
         self.runs: list[list[MfccBlock]] = []
+        self.audio_runs: list[list[Frame]] = []
 
     def add(self, item: object, features: ClipFeatures) -> None:
         if isinstance(item, FaceCrops):
@@ -89,6 +100,14 @@ class _Collector:
         elif isinstance(item, Frame) and item.kind is FrameKind.VIDEO:
             features.video_frames += 1
             features.video_size = [int(item.data.shape[1]), int(item.data.shape[0])]
+
+    def add_audio(self, frame: Frame) -> None:
+        if self.audio_runs:
+            last = self.audio_runs[-1][-1]
+            if abs(frame.pts_ns - (last.pts_ns + last.duration_ns)) < 1_000_000:
+                self.audio_runs[-1].append(frame)
+                return
+        self.audio_runs.append([frame])
 
     @staticmethod
     def _continues(last: MfccBlock, block: MfccBlock) -> bool:
@@ -107,6 +126,7 @@ class _Collector:
                 lips=np.stack([c.lips for c in crops]),
                 observed=np.array([c.observed for c in crops], dtype=np.bool_),
                 box=[round(float(v), 1) for v in ended.box],
+                aligned=np.stack([c.aligned for c in crops]) if self.want_aligned else None,
             )
         )
 
@@ -119,6 +139,25 @@ class _Collector:
             longest = max(self.runs, key=lambda run: sum(len(b.features) for b in run))
             features.mfcc = np.concatenate([b.features for b in longest]).astype(np.float32)
             features.mfcc_start_ns = longest[0].pts_ns
+        if self.audio_runs:
+            run = max(self.audio_runs, key=lambda frames: sum(len(f.data) for f in frames))
+            features.audio = np.concatenate([f.data for f in run]).astype(np.int16)
+            features.audio_start_ns = run[0].pts_ns
+
+
+class _AudioTap:
+    """Hands each audio frame to the collector on its way to the MFCC stage."""
+
+    name = "audio-tap"
+
+    def __init__(self, collector: _Collector) -> None:
+        self.collector = collector
+
+    async def run(self, src: AsyncIterator[Frame]) -> AsyncIterator[Frame]:
+        async for frame in src:
+            if frame.kind is FrameKind.AUDIO:
+                self.collector.add_audio(frame)
+            yield frame
 
 
 async def extract_clip(
@@ -126,6 +165,8 @@ async def extract_clip(
     *,
     preset: str = "hamming",
     want_face: bool = False,
+    want_aligned: bool = False,
+    want_audio: bool = False,
     face_config: FaceConfig | None = None,
     max_seconds: float | None = None,
     require_audio: bool = True,
@@ -136,6 +177,8 @@ async def extract_clip(
         uri: path, URL or ``device:`` URI.
         preset: MFCC preset (``hamming`` for SyncNet-lite, ``syncnet`` for SyncNet v2).
         want_face: also keep the 224×224 face crops (SyncNet v2; 150 kB a frame).
+        want_aligned: also keep the 112×112 identity crops (37 kB a frame).
+        want_audio: also keep the 16 kHz samples (identity's voice features).
         face_config: tracker and crop settings (offline default: syncnet_python's 13-frame
             median, i.e. a look-ahead of 6 frames).
         max_seconds: stop after this much video.
@@ -148,9 +191,11 @@ async def extract_clip(
 
     config = face_config or FaceConfig(crops=CropConfig(smooth_lag_frames=6))
     features = ClipFeatures(source=uri, mfcc_preset=preset)
-    collector = _Collector(want_face)
+    collector = _Collector(want_face, want_aligned, want_audio)
     source = open_source(uri, require_audio=require_audio, require_video=True)
     stages: list[Any] = [MfccStage(preset), FaceStage(config)]
+    if want_audio:
+        stages.insert(0, _AudioTap(collector))
     async with source, Pipeline[Any](source, stages, capacity=32) as pipe:
         async for item in pipe.outputs():
             collector.add(item, features)

@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,8 @@ from engine.core.stage import Pipeline
 from engine.dsp.stage import MfccBlock, MfccStage
 from engine.dsp.vad import StreamingVad, VadModel
 from engine.events import make_event
+from engine.identity.engine import GalleryPerson, IdentityUpdate
+from engine.identity.models import PinsModels, load_config
 from engine.models.live import (
     AUDIO_CONTEXT_FRAMES,
     AUDIO_STEP_FRAMES,
@@ -65,10 +68,13 @@ from engine.sources.webrtc import WebRtcSource
 from engine.vision.crops import CropConfig
 from engine.vision.geometry import Box
 from engine.vision.stage import FaceConfig, FaceCrops, FaceStage, TrackEnded, TrackStarted
+from pipelines.live_identity import StreamIdentity
 
 log = logging.getLogger(__name__)
 
 STEP_NS = 10_000_000
+GALLERY_REFRESH_S = 2.0
+"""How often a running engine looks for newly enrolled people."""
 LATE_VIDEO_NS = 200_000_000
 """A paced file's video frame this late (the engine lags) is dropped, as a live source's."""
 Publish = Callable[[dict[str, Any]], None]
@@ -96,6 +102,8 @@ class LiveConfig:
         speaker: the active-speaker thresholds.
         face: tracker and crop settings.
         loop_files: play file sources again at their end.
+        identity: run the PINs identity engine (``identity`` events).
+        gallery: the SQLite gallery whose names identity events carry; None for none.
     """
 
     window_s: float = 2.0
@@ -115,6 +123,8 @@ class LiveConfig:
         default_factory=lambda: FaceConfig(crops=CropConfig(smooth_lag_frames=2))
     )
     loop_files: bool = False
+    identity: bool = True
+    gallery: Path | None = None
 
     @property
     def window_frames(self) -> int:
@@ -160,11 +170,41 @@ class LiveModels:
             input_spec={"mfcc": ((1, 13, AUDIO_STEP_FRAMES * STEPS_PER_FRAME), np.float32)},
         )
         self.analysis = concurrent.futures.ThreadPoolExecutor(1, "talkscope-analysis")
+        self.pins = PinsModels(config.providers) if config.identity else None
+        self.identity_config = load_config() if config.identity else None
+        self.gallery: list[GalleryPerson] = []
+        self._gallery_stamp: tuple[float, ...] | None = None
+        if config.identity and config.gallery is not None:
+            self.refresh_gallery()
+
+    def refresh_gallery(self) -> bool:
+        """Reload the gallery's people when its files changed; True when reloaded.
+
+        In place: every stream sees them. Blocks: call it from a thread once the loop runs.
+        """
+        from engine.identity.gallery import Gallery
+        from pipelines.identify import gallery_people
+
+        path = self.config.gallery
+        if path is None:
+            return False
+        stamp = tuple(
+            f.stat().st_mtime if f.exists() else 0.0
+            for f in (path, path.with_name(path.name + "-wal"))
+        )
+        if stamp == self._gallery_stamp:
+            return False
+        with Gallery(path, create=False) as gallery:
+            self.gallery[:] = gallery_people(gallery)
+        self._gallery_stamp = stamp
+        return True
 
     async def __aenter__(self) -> LiveModels:
-        """Start both batchers."""
+        """Start the batchers."""
         await self.visual.__aenter__()
         await self.audio.__aenter__()
+        if self.pins is not None:
+            await self.pins.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -176,6 +216,8 @@ class LiveModels:
         for batcher in (self.visual, self.audio):
             with contextlib.suppress(Exception):
                 await batcher.aclose(drain=False, timeout_s=2.0)
+        if self.pins is not None:
+            await self.pins.aclose()
         self.analysis.shutdown(wait=False, cancel_futures=True)
 
 
@@ -284,6 +326,23 @@ class LiveStream:
         self.state = "connecting"
         self._last_frame_ns = time.monotonic_ns()
         self._stalled = False
+        self.identity: StreamIdentity | None = None
+        if models.pins is not None and models.identity_config is not None:
+            self.identity = StreamIdentity(
+                stream_id, models.pins, models.identity_config, models.gallery, self._identity
+            )
+
+    def _identity(self, update: IdentityUpdate) -> None:
+        self._emit(
+            "identity",
+            update.pts_ns,
+            track_id=update.track_id,
+            identity_id=update.identity_id,
+            name=update.name,
+            face_score=update.face_score,
+            voice_match=update.voice_match,
+            evidence_s=update.evidence_s,
+        )
 
     # --- events ------------------------------------------------------------------------------
 
@@ -361,6 +420,8 @@ class LiveStream:
                     task.cancel()
                 for track in list(self.tracks.values()):
                     await self._stop_track(track)
+                if self.identity is not None:
+                    await self.identity.aclose()
 
     async def _stamped(self, source: MediaSource | WebRtcSource) -> AsyncIterator[Frame]:
         async for frame in source:
@@ -407,6 +468,8 @@ class LiveStream:
             track = self.tracks.pop(item.track_id, None)
             if track is not None:
                 await self._stop_track(track)
+            if self.identity is not None:
+                self.identity.on_track_end(item.track_id)
             self._emit(
                 "track_end",
                 item.pts_ns,
@@ -419,8 +482,11 @@ class LiveStream:
 
     async def _audio(self, frame: Frame) -> None:
         self.counters["audio_chunks"] += 1
-        for score in self.vad.push(frame.data, frame.pts_ns):
+        scores = self.vad.push(frame.data, frame.pts_ns)
+        for score in scores:
             self.vad_scores[round(score.pts_ns / STEP_NS)] = score.probability
+        if self.identity is not None:
+            self.identity.on_audio(frame.pts_ns, frame.data, scores)
         for block in self.mfcc_stage.push(frame):
             self._add_mfcc(block)
         await self._audio_steps()
@@ -482,6 +548,8 @@ class LiveStream:
         if track is None:
             return
         frame = self._frame_of(crops.pts_ns)
+        if self.identity is not None:
+            self.identity.on_crops(crops, frame)
         arrival = self.arrivals.get(frame)
         if arrival is not None:
             self.latency["faces"].add((time.monotonic_ns() - arrival) / 1e6)
@@ -647,6 +715,8 @@ class LiveStream:
         recent = [t for t in live if t.scored_until >= until - 2 * STEP_FRAMES]
         scores = _speaking_scores(recent, self.config.match_temperature)
         decision = self.selector.update(speech, scores)
+        if self.identity is not None:
+            self.identity.on_speaker(self._pts_of(until), decision.track_id, decision.state)
         track = self.tracks.get(decision.track_id) if decision.track_id is not None else None
         box = track.boxes.get(until, track.box) if track is not None else None
         self._emit(
@@ -702,6 +772,12 @@ class LiveStream:
             await asyncio.sleep(self.config.stats_interval_s)
             self._emit("stats", None, **self.stats())
 
+    def _identity_drops(self) -> dict[str, int]:
+        if self.identity is None:
+            return {}
+        counters = self.identity.stats()
+        return {k: counters.get(k, 0) for k in ("faces_skipped", "voices_skipped")}
+
     def stats(self) -> dict[str, Any]:
         """The ``stats`` event's fields."""
         source = self.source
@@ -718,6 +794,7 @@ class LiveStream:
             "drops": {
                 "video_frames": source.stats.video_dropped if source else 0,
                 "track_resets": self.counters["track_resets"],
+                **self._identity_drops(),
             },
             "latency_ms": {
                 k.removesuffix("_ms"): v for k, v in self.latency["end_to_end"].summary().items()
@@ -815,6 +892,7 @@ class LiveEngine:
         self._models: LiveModels | None = None
         self._group: asyncio.TaskGroup | None = None
         self._waiting: list[WebRtcSource] = []
+        self._stream_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, *, keep_running: bool = False) -> None:
         """Run every stream until all have ended, or until cancelled with ``keep_running``."""
@@ -825,9 +903,30 @@ class LiveEngine:
             waiting, self._waiting = self._waiting, []
             for source in waiting:
                 self.add_source(source)
+            refresher = None
+            if self.config.identity and self.config.gallery is not None:
+                refresher = group.create_task(self._refresh_gallery(models), name="gallery")
             if keep_running:
                 await asyncio.Future()  # until cancelled
+            if refresher is not None:
+                await self._wait_streams()
+                refresher.cancel()
         self._models = self._group = None
+
+    async def _wait_streams(self) -> None:
+        while any(not t.done() for t in self._stream_tasks):
+            await asyncio.wait(self._stream_tasks)
+
+    @staticmethod
+    async def _refresh_gallery(models: LiveModels) -> None:
+        """Pick up people enrolled while the engine runs (every few seconds)."""
+        while True:
+            await asyncio.sleep(GALLERY_REFRESH_S)
+            try:
+                if await asyncio.to_thread(models.refresh_gallery):
+                    log.info("gallery reloaded: %d people", len(models.gallery))
+            except EngineError as error:
+                log.warning("gallery not reloaded: %s", error)
 
     def add_source(self, source: WebRtcSource) -> None:
         """Run one more stream, from a source opened elsewhere. Loop affinity: the engine's."""
@@ -842,7 +941,8 @@ class LiveEngine:
     def _start(self, stream: LiveStream) -> None:
         assert self._group is not None
         self.streams.append(stream)
-        self._group.create_task(stream.run(), name=f"stream:{stream.stream_id}")
+        task = self._group.create_task(stream.run(), name=f"stream:{stream.stream_id}")
+        self._stream_tasks.add(task)
 
 
 def split_source(text: str, index: int) -> tuple[str, str]:

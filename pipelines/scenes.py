@@ -51,15 +51,18 @@ class Scene:
         return None
 
 
-def _video(path: Path, frames: int, side: int) -> list[npt.NDArray[np.uint8]]:
-    """``frames`` pictures at 25 fps (nearest by timestamp), resized to ``side`` squares."""
+def _video(path: Path, frames: int, side: int, start_s: float = 0.0) -> list[npt.NDArray[np.uint8]]:
+    """``frames`` pictures at 25 fps from ``start_s``, resized to ``side`` squares.
+
+    Each picture is the one nearest its time on the 25 fps grid.
+    """
     out: list[npt.NDArray[np.uint8]] = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         for frame in container.decode(stream):
             if frame.pts is None or frame.time_base is None:
                 continue
-            t = float(frame.pts * frame.time_base)
+            t = float(frame.pts * frame.time_base) - start_s
             while len(out) < frames and len(out) / FPS <= t + 0.5 / FPS:
                 rgb = frame.to_ndarray(format="rgb24")
                 out.append(_square(rgb, side))
@@ -79,14 +82,15 @@ def _square(rgb: npt.NDArray[np.uint8], side: int) -> npt.NDArray[np.uint8]:
     return resized
 
 
-def _audio(path: Path, samples: int) -> npt.NDArray[np.int16]:
-    """The first ``samples`` samples of the clip's audio, 16 kHz mono."""
+def _audio(path: Path, samples: int, start_s: float = 0.0) -> npt.NDArray[np.int16]:
+    """``samples`` samples of the clip's audio from ``start_s``, 16 kHz mono."""
     resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE_HZ)
     parts = []
     with av.open(str(path)) as container:
         for frame in container.decode(audio=0):
             parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
     pcm = np.concatenate(parts) if parts else np.zeros(0, np.int16)
+    pcm = pcm[round(start_s * SAMPLE_RATE_HZ) :]
     if pcm.size < samples:
         raise InputError(f"{path}: only {pcm.size / SAMPLE_RATE_HZ:.1f} s of audio")
     return pcm[:samples].astype(np.int16)
@@ -116,6 +120,50 @@ def build_scene(
     _write(out, [np.concatenate(row, axis=1) for row in zip(*videos, strict=True)], mixed)
     tiles = [[i * side, 0, (i + 1) * side, side] for i in range(len(clips))]
     return Scene(out, tiles, turns, seconds)
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One shot of a sequence.
+
+    ``video`` from ``start_s`` for ``seconds``, with the sound of ``audio`` (default: the same
+    clip) from ``audio_start_s`` (default: ``start_s``); a shot with no video is an empty
+    picture (nobody on screen), silent unless it has ``audio``.
+    """
+
+    video: Path | None
+    start_s: float
+    seconds: float
+    audio: Path | None = None
+    audio_start_s: float | None = None
+
+
+def build_sequence(shots: list[Shot], out: Path, *, side: int = 256) -> list[tuple[float, float]]:
+    """Write the shots one after the other (hard cuts); returns each shot's ``(start, end)``.
+
+    Raises:
+        InputError: a clip is too short for its shot.
+    """
+    pictures: list[npt.NDArray[np.uint8]] = []
+    sound: list[npt.NDArray[np.int16]] = []
+    spans, at = [], 0.0
+    for shot in shots:
+        frames = round(shot.seconds * FPS)
+        samples = round(shot.seconds * SAMPLE_RATE_HZ)
+        if shot.video is None:
+            pictures.extend(np.full((side, side, 3), 16, np.uint8) for _ in range(frames))
+        else:
+            pictures.extend(_video(shot.video, frames, side, shot.start_s))
+        heard = shot.audio or shot.video
+        audio_start = shot.start_s if shot.audio_start_s is None else shot.audio_start_s
+        if heard is None:
+            sound.append(np.zeros(samples, np.int16))
+        else:
+            sound.append(_audio(heard, samples, audio_start))
+        spans.append((at, at + shot.seconds))
+        at += shot.seconds
+    _write(out, pictures, np.concatenate(sound))
+    return spans
 
 
 def _write(out: Path, pictures: list[npt.NDArray[np.uint8]], pcm: npt.NDArray[np.int16]) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from engine.analysis.sync import DEFAULT_MAX_SHIFT, estimate_sync
+from engine.analysis.sync import DEFAULT_MAX_SHIFT, SyncEstimate, estimate_sync
 from engine.analysis.windows import (
     VIDEO_FRAMES,
     audio_window_range,
@@ -69,6 +69,42 @@ DEFAULT_MAX_WAIT_MS = 5.0
 """How long a partial batch waits for windows of other files, in ms."""
 
 
+@dataclass(eq=False)
+class TrackEmbeddings:
+    """A track's per-window sync embeddings, kept for sync over parts of it (identity).
+
+    Attributes:
+        pts_ns: the first frame's timestamp of each window ``(windows,)``, consecutive frames.
+        video: lip embeddings ``(windows, dim)``.
+        audio: audio embeddings ``(lead + windows + trail, dim)``; row ``lead + i`` pairs with
+            ``video[i]``.
+        lead: audio rows before the first window's.
+    """
+
+    pts_ns: npt.NDArray[np.int64]
+    video: npt.NDArray[np.float32]
+    audio: npt.NDArray[np.float32]
+    lead: int
+
+    def estimate(self, start_ns: int, end_ns: int, max_shift: int) -> SyncEstimate | None:
+        """The sync over the windows starting in ``[start_ns, end_ns)``.
+
+        None for fewer than 10 windows (0.4 s).
+        """
+        rows = np.flatnonzero((self.pts_ns >= start_ns) & (self.pts_ns < end_ns))
+        if len(rows) < 10:
+            return None
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        first = max(0, self.lead + a - max_shift)
+        last = min(len(self.audio), self.lead + b + max_shift)
+        return estimate_sync(
+            self.video[a:b],
+            self.audio[first:last],
+            max_shift=max_shift,
+            audio_lead=self.lead + a - first,
+        )
+
+
 @dataclass
 class TrackSync:
     """The sync of one face track, or why there is none.
@@ -94,6 +130,7 @@ class TrackSync:
     frames: int
     box: list[float]
     reason: str | None = None
+    embeddings: TrackEmbeddings | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``talkscope sync --json``; ``reason`` only when there is one."""
@@ -194,6 +231,8 @@ class SyncRunner:
         progress: counters to update (windows found and done); None for none.
         executor: where both towers' batches run; None gives the runner one worker thread,
             shared by the two towers, shut down on close.
+        keep_embeddings: attach each track's window embeddings to its result
+            (:class:`TrackEmbeddings`), for sync over parts of the track.
 
     Raises:
         UsageError: ``backends`` lacks a tower, or a size is out of range.
@@ -211,6 +250,7 @@ class SyncRunner:
         max_shift: int = DEFAULT_MAX_SHIFT,
         progress: SyncProgress | None = None,
         executor: concurrent.futures.Executor | None = None,
+        keep_embeddings: bool = False,
     ) -> None:
         missing = [tower.tower for tower in spec.towers if tower.tower not in backends]
         if missing:
@@ -226,6 +266,7 @@ class SyncRunner:
         self.min_windows = min_windows
         self.max_shift = max_shift
         self.progress = progress if progress is not None else SyncProgress()
+        self.keep_embeddings = keep_embeddings
         self._crop = crop_kind(spec)
         self._executor = executor
         self._owns_executor = executor is None
@@ -349,6 +390,24 @@ class SyncRunner:
             want_face=self._crop == "face",
             max_seconds=max_seconds,
         )
+        return await self.analyse_features(features, started=start)
+
+    async def analyse_features(
+        self, features: ClipFeatures, *, started: float | None = None
+    ) -> FileSyncReport:
+        """The sync of each track of an already decoded clip.
+
+        Its MFCC preset must be the model's, and SyncNet v2 needs the 224×224 face crops;
+        ``started`` is when the work on it began, for the report's ``seconds``.
+
+        Raises:
+            StageError: a model call failed.
+            RuntimeError: the runner was not entered.
+        """
+        if self._video is None or self._audio is None:
+            raise RuntimeError("enter the SyncRunner (async with) before analysing files")
+        start = time.perf_counter() if started is None else started
+        uri = features.source
         plans = [self._plan(track, features) for track in features.tracks]
         runnable = [plan for plan in plans if plan.reason is None]
         windows = sum(len(plan.starts) for plan in runnable)
@@ -468,7 +527,20 @@ class SyncRunner:
             min_dist=estimate.min_dist,
             frames=estimate.frames,
             box=plan.track.box,
+            embeddings=self._kept(plan, video_emb, audio_emb, rows.start),
         )
+
+    def _kept(
+        self,
+        plan: _TrackPlan,
+        video: npt.NDArray[np.float32],
+        audio: npt.NDArray[np.float32],
+        lead: int,
+    ) -> TrackEmbeddings | None:
+        if not self.keep_embeddings:
+            return None
+        pts = plan.track.pts_ns[plan.starts].astype(np.int64)
+        return TrackEmbeddings(pts, video, audio, lead)
 
     async def _embed(
         self,

@@ -106,6 +106,19 @@ SAMPLES: list[tuple[str, str | None, int | None, dict[str, Any]]] = [
             "box": [0.0, 0.0, 50.0, 60.0],
         },
     ),
+    (
+        "identity",
+        "cam1",
+        12_600_000_000,
+        {
+            "track_id": 3,
+            "identity_id": 2,
+            "name": "Katie Hill",
+            "face_score": 0.91,
+            "voice_match": 0.12,
+            "evidence_s": 6.4,
+        },
+    ),
     ("stats", "cam1", 12_600_000_000, STATS),
     ("stats", None, None, STATS),
     ("hello", None, None, {"streams": ["cam1"], "event_types": list(EVENT_TYPES), "server": "x"}),
@@ -242,6 +255,7 @@ def test_watch_describes_every_sample_in_one_line() -> None:
         assert "\n" not in line and not line.rstrip().endswith("}"), line
     assert "track 2 [10,20,110,140] score 0.91" in describe(sample("speaker"))
     assert "track 2 -120 ms (-3 frames) conf 4.1" in describe(sample("sync"))
+    assert "track 3 is Katie Hill, face 0.91, voice match 0.12" in describe(sample("identity"))
     assert describe(sample("speaker")).lstrip().startswith("12.48s  cam1")
     newer = {"type": "gaze", "stream_id": "cam1", "pts_ns": 0, "target": 1}
     assert describe(newer).endswith(json.dumps(newer))

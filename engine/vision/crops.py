@@ -12,6 +12,10 @@ Four crops per track and frame, all cut from the source picture by one affine wa
 - ``mouth``: our compact sync model's input, grey, ``mouth_height`` × ``mouth_width`` (48×96),
   turned so that the eye line is level, centred on the lips, scaled by the distance between the
   eyes (which, unlike the mouth, does not change size while speaking); all three smoothed.
+- ``aligned``: the face identity crop, 112×112 RGB, aligned by the least-squares similarity of
+  five mesh points (eye centres, nose tip, mouth corners) onto the ArcFace template, as SFace and
+  every ArcFace-style face embedding expect; cut from this frame's points (unsmoothed: a fixed
+  template already removes pose, smoothing would blur the fit).
 - ``lips``: the 40 lip points of the mesh, this frame's (unsmoothed: their motion is the signal),
   in the stabilised face frame: origin at the smoothed lip centre, x along the eye line, one unit =
   the smoothed eye distance.
@@ -30,7 +34,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from engine.vision.geometry import Box, angle_of, apply, similarity
+from engine.vision.geometry import Box, angle_of, apply, fit_similarity, similarity
 
 LIP_POINTS = (
     61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 185, 40, 39, 37, 0, 267, 269, 270, 409,
@@ -41,6 +45,21 @@ outer upper lip between the corners (9), then the inner line the same way (11 + 
 RIGHT_EYE = (33, 133)
 LEFT_EYE = (362, 263)
 """Eye corners of the mesh; the eye centre is their midpoint."""
+NOSE_TIP = 4
+MOUTH_CORNERS = (61, 291)
+"""Mesh points of the nose tip and of the mouth corners (image left, then right)."""
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ]
+)
+"""Where the five identity landmarks sit in a 112×112 ArcFace crop: the eye in the image's
+left, the other eye, the nose tip, the mouth corners left then right."""
+ALIGNED_SIDE = 112
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,7 @@ class Crops:
     face: npt.NDArray[np.uint8]
     face112: npt.NDArray[np.uint8]
     mouth: npt.NDArray[np.uint8]
+    aligned: npt.NDArray[np.uint8]
     lips: npt.NDArray[np.float32]
     box: Box
 
@@ -132,6 +152,7 @@ def cut(
     geometry: FaceGeometry,
     lip_points: npt.NDArray[np.float32],
     config: CropConfig,
+    align_points: npt.NDArray[np.float32],
 ) -> Crops:
     """Cut every crop of one face from one picture.
 
@@ -140,6 +161,8 @@ def cut(
         geometry: the smoothed geometry for this frame.
         lip_points: this frame's 40 lip points ``(40, 2)``, source pixels.
         config: crop sizes.
+        align_points: this frame's five identity landmarks ``(5, 2)``, see
+            :func:`align_points_of`.
     """
     face = _face_crop(rgb, geometry, config)
     grey = np.asarray(cv2.cvtColor(face, cv2.COLOR_RGB2GRAY), dtype=np.uint8)
@@ -150,7 +173,34 @@ def cut(
         (geometry.mouth_x, geometry.mouth_y), geometry.angle, 1 / geometry.eyes, (0, 0)
     )
     lips = apply(to_face, lip_points)
-    return Crops(face=face, face112=face112, mouth=mouth, lips=lips, box=geometry.box)
+    aligned = aligned_face(rgb, align_points)
+    return Crops(
+        face=face, face112=face112, mouth=mouth, aligned=aligned, lips=lips, box=geometry.box
+    )
+
+
+def align_points_of(points: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The five identity landmarks ``(5, 2)`` of a mesh ``(468, 2)``, in template order."""
+    right = points[list(RIGHT_EYE)].mean(axis=0)
+    left = points[list(LEFT_EYE)].mean(axis=0)
+    rest = points[[NOSE_TIP, *MOUTH_CORNERS]]
+    return np.ascontiguousarray(np.vstack([right, left, rest]), dtype=np.float32)
+
+
+def aligned_face(
+    rgb: npt.NDArray[np.uint8], align_points: npt.NDArray[np.float32]
+) -> npt.NDArray[np.uint8]:
+    """The 112×112 RGB ArcFace-aligned crop for five landmarks ``(5, 2)``, source pixels."""
+    matrix = fit_similarity(align_points, ARCFACE_TEMPLATE)
+    out = cv2.warpAffine(
+        rgb,
+        matrix,
+        (ALIGNED_SIDE, ALIGNED_SIDE),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )
+    return np.asarray(out, dtype=np.uint8)
 
 
 def _face_crop(

@@ -49,6 +49,27 @@ def similarity(
     )
 
 
+def fit_similarity(source: npt.NDArray[np.floating], target: npt.NDArray[np.floating]) -> Affine:
+    """The least-squares similarity (turn, uniform scale, shift) taking ``source`` onto ``target``.
+
+    Umeyama's closed form (1991), the fit InsightFace and OpenCV's ``FaceRecognizerSF`` use to
+    align five face landmarks onto the ArcFace template; both arrays are ``(n, 2)``.
+    """
+    src = np.asarray(source, dtype=np.float64)
+    dst = np.asarray(target, dtype=np.float64)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    u, singular, vt = np.linalg.svd(dst_c.T @ src_c / len(src))
+    sign = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1] = -1.0
+    rotation = u @ np.diag(sign) @ vt
+    variance = float((src_c**2).sum() / len(src))
+    scale = float((singular * sign).sum() / variance) if variance > 0 else 1.0
+    shift = dst_mean - scale * rotation @ src_mean
+    return np.hstack([scale * rotation, shift[:, None]])
+
+
 def invert(matrix: Affine) -> Affine:
     """The inverse of a 2×3 affine map."""
     full = np.vstack([matrix, [0.0, 0.0, 1.0]])

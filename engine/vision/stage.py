@@ -27,7 +27,15 @@ import numpy.typing as npt
 
 from engine.core.frame import NS_PER_S, Frame, FrameKind
 from engine.vision.backend import FaceBackend
-from engine.vision.crops import CropConfig, FaceGeometry, cut, geometry_of, lip_points_of, smooth
+from engine.vision.crops import (
+    CropConfig,
+    FaceGeometry,
+    align_points_of,
+    cut,
+    geometry_of,
+    lip_points_of,
+    smooth,
+)
 from engine.vision.geometry import Box
 from engine.vision.tracker import FaceTracker, TrackerConfig, TrackerState, TrackSummary
 
@@ -76,6 +84,7 @@ class FaceCrops:
         face: SyncNet v2 crop ``(224, 224, 3)`` RGB uint8.
         face112: Light-ASD crop ``(112, 112)`` grey uint8.
         mouth: mouth crop ``(48, 96)`` grey uint8 (sizes from :class:`CropConfig`).
+        aligned: ArcFace-aligned identity crop ``(112, 112, 3)`` RGB uint8.
         lips: the 40 lip points in the stabilised face frame ``(40, 2)`` float32.
         lip_points: the 40 lip points in source pixels ``(40, 2)`` float32.
         observed: False when the face was not seen in this frame and the crop comes from its
@@ -90,6 +99,7 @@ class FaceCrops:
     face: npt.NDArray[np.uint8]
     face112: npt.NDArray[np.uint8]
     mouth: npt.NDArray[np.uint8]
+    aligned: npt.NDArray[np.uint8]
     lips: npt.NDArray[np.float32]
     lip_points: npt.NDArray[np.float32]
     observed: bool
@@ -113,6 +123,7 @@ class _Entry:
     frame: Frame
     geometry: FaceGeometry | None
     lip_points: npt.NDArray[np.float32] | None
+    align_points: npt.NDArray[np.float32] | None = None
 
 
 @dataclass
@@ -177,7 +188,13 @@ class FaceProcessor:
         for observation in update.observations:
             buffer = self._buffers.setdefault(observation.track_id, _Buffer(observation.track_id))
             geometry = geometry_of(observation.points, observation.box)
-            entry = _Entry(update.index, frame, geometry, lip_points_of(observation.points))
+            entry = _Entry(
+                update.index,
+                frame,
+                geometry,
+                lip_points_of(observation.points),
+                align_points_of(observation.points),
+            )
             buffer.pending.append(entry)
             buffer.last_observed = update.index
         seen = {o.track_id for o in update.observations}
@@ -241,8 +258,11 @@ class FaceProcessor:
             if e.geometry is not None and abs(e.index - entry.index) <= self.lag
         ]
         geometry = smooth(window)
-        lips = entry.lip_points if entry.lip_points is not None else self._nearest_lips(buffer)
-        crops = cut(entry.frame.data, geometry, lips, self.config.crops)
+        nearest = entry if entry.lip_points is not None else self._nearest_observed(buffer)
+        assert nearest.lip_points is not None and nearest.align_points is not None
+        crops = cut(
+            entry.frame.data, geometry, nearest.lip_points, self.config.crops, nearest.align_points
+        )
         return FaceCrops(
             stream_id=self.stream_id,
             track_id=buffer.track_id,
@@ -252,16 +272,17 @@ class FaceProcessor:
             face=crops.face,
             face112=crops.face112,
             mouth=crops.mouth,
+            aligned=crops.aligned,
             lips=crops.lips,
-            lip_points=lips,
+            lip_points=nearest.lip_points,
             observed=entry.geometry is not None,
         )
 
     @staticmethod
-    def _nearest_lips(buffer: _Buffer) -> npt.NDArray[np.float32]:
+    def _nearest_observed(buffer: _Buffer) -> _Entry:
         for entry in (*reversed(buffer.history), *buffer.pending):
             if entry.lip_points is not None:
-                return entry.lip_points
+                return entry
         raise AssertionError("a track always has an observed frame")  # pragma: no cover
 
     def _status(self, state: TrackerState, pts_ns: int) -> list[FaceOutput]:

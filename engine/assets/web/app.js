@@ -421,8 +421,10 @@ function syncLabel(s) {
 
 function identityLabel(ev) {
   if (!ev) return '';
-  if (ev.name) return ev.name;
-  return ev.identity_id != null ? `id ${ev.identity_id}` : '';
+  const who = ev.name || (ev.identity_id != null ? `id ${ev.identity_id}` : '');
+  // voice_match: P(the current speech is this face's voice); low while it talks = not its voice
+  const voice = ev.voice_match == null ? '' : ` · voice ${fmt(ev.voice_match, 2)}`;
+  return who + voice;
 }
 
 function drawOverlay() {

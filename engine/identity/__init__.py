@@ -1,0 +1,1 @@
+"""Identity: face and voice embeddings, and the gallery of enrolled people."""
