@@ -11,6 +11,9 @@ from typing import Any
 
 from engine.core.errors import EngineError, UsageError
 
+PINS_OUT = Path(__file__).resolve().parents[1] / "engine" / "models" / "weights" / "pins"
+"""Where ``talkscope train pins`` writes the towers by default: the package's own."""
+
 
 def add_identity_parsers(commands: Any) -> None:
     """Add ``enroll``, ``identify`` and ``train`` to the CLI's sub-commands."""
@@ -48,10 +51,39 @@ def add_identity_parsers(commands: Any) -> None:
         "train", help="train talkscope's models (needs the dev extra and ../shared)"
     )
     kinds = train.add_subparsers(dest="train_model", parser_class=type(train))
-    from pipelines.train_pins import add_arguments
-
     pins = kinds.add_parser("pins", help="train the PINs heads and write the towers")
-    add_arguments(pins)
+    add_train_pins_arguments(pins)
+
+
+def add_train_pins_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``talkscope train pins``."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("..") / "shared" / "data",
+        help="the shared clips (clips.csv and av/)",
+    )
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=Path("..") / "shared" / "models",
+        help="the pretrained trunks (sface/, resemblyzer/)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(".cache") / "pins",
+        help="decoded tracks and the scratch model",
+    )
+    parser.add_argument("--out", type=Path, default=PINS_OUT, help="where the towers go")
+    parser.add_argument("--steps", type=int, default=1500, help="head training steps")
+    parser.add_argument(
+        "--scratch-seconds",
+        type=float,
+        default=240.0,
+        help="CPU seconds for the from-scratch networks (0 skips them)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def _gallery_option(parser: argparse.ArgumentParser) -> None:

@@ -52,12 +52,10 @@ from engine.models.pins import (
 )
 from pipelines.pins_data import IdentityTrack, prepare_all
 
-SHARED_MODELS = Path("..") / "shared" / "models"
 TRUNK_FILES: dict[Modality, Path] = {
     "face": Path("sface") / "face_recognition_sface_2021dec_int8bq.fixed.onnx",
     "voice": Path("resemblyzer") / "resemblyzer_encoder.onnx",
 }
-WEIGHTS_OUT = Path(__file__).resolve().parents[1] / "engine" / "models" / "weights" / "pins"
 MARGIN = 1.0
 SCHEDULES = ("random", "hardest", "curriculum", "curriculum-range")
 TAU_START = 0.0
@@ -511,41 +509,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``talkscope train pins``."""
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path("..") / "shared" / "data",
-        help="the shared clips (clips.csv and av/)",
-    )
-    parser.add_argument(
-        "--models",
-        type=Path,
-        default=SHARED_MODELS,
-        help="the pretrained trunks (sface/, resemblyzer/)",
-    )
-    parser.add_argument(
-        "--cache",
-        type=Path,
-        default=Path(".cache") / "pins",
-        help="decoded tracks and the scratch model",
-    )
-    parser.add_argument("--out", type=Path, default=WEIGHTS_OUT, help="where the towers go")
-    parser.add_argument("--steps", type=int, default=1500, help="head training steps")
-    parser.add_argument(
-        "--scratch-seconds",
-        type=float,
-        default=240.0,
-        help="CPU seconds for the from-scratch networks (0 skips them)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pipelines.train_pins``."""
+    from pipelines.identity_cli import add_train_pins_arguments
+
     parser = argparse.ArgumentParser(prog="talkscope train pins", description=__doc__)
-    add_arguments(parser)
+    add_train_pins_arguments(parser)
     args = parser.parse_args(argv)
     run(args)
     return 0
