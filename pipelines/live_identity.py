@@ -32,9 +32,12 @@ from engine.vision.stage import FaceCrops
 log = logging.getLogger(__name__)
 
 FACE_EVERY = 10
-"""Embed one face in this many frames of a track: 2.5 a second at 25 fps, about 80 ms of one
-core a second per face on the 2-core machine (SFace is the costly part, benchmarks/identity.py);
-a track gets its id after 3, 1.2 s after it appears."""
+"""Embed one face in this many frames of a track until it has an identity: 2.5 a second at
+25 fps, so a track gets its id after 3, 1.2 s after it appears."""
+FACE_EVERY_KNOWN = 50
+"""Then one in this many (every 2 s), to keep its face score and evidence current. SFace costs
+about 31 ms of one core a face on the 2-core machine (benchmarks/identity.py): about 80 ms a
+second per new face, 15 ms a second per known one."""
 MAX_VOICE_TASKS = 2
 Emit = Callable[[IdentityUpdate], None]
 
@@ -78,7 +81,8 @@ class StreamIdentity:
 
     def on_crops(self, crops: FaceCrops, frame: int) -> None:
         """A track's crops at stream frame ``frame``."""
-        if frame % FACE_EVERY or not crops.observed:
+        known = self.state.track_identity(crops.track_id) is not None
+        if frame % (FACE_EVERY_KNOWN if known else FACE_EVERY) or not crops.observed:
             return
         if crops.track_id in self._face_busy:
             self.counters["faces_skipped"] += 1
