@@ -320,7 +320,7 @@ def _image_crop(path: str) -> npt.NDArray[np.uint8]:
     bgr = cv2.imread(path, cv2.IMREAD_COLOR)
     if bgr is None:
         raise InputError(f"{path}: not an image OpenCV can read")
-    rgb = np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    rgb = np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
     backend = default_backend()
     detections = backend.detect(rgb)
     if not detections:

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import numpy as np
 
@@ -112,10 +113,9 @@ class StreamIdentity:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _spawn(self, work: object, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(
-            work,  # type: ignore[arg-type]
-            name=f"{self.stream_id}:identity-{name}",
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            work, name=f"{self.stream_id}:identity-{name}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

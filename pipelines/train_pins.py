@@ -195,7 +195,7 @@ def train_heads(
         neg_f = mine(schedule, distances.T, step, config.steps, gen)
         loss = contrastive_loss(f, v, v[neg_v], MARGIN) + contrastive_loss(v, f, f[neg_f], MARGIN)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         losses.append(float(loss.detach()))
     face_head.eval()
@@ -291,7 +291,8 @@ def reid_threshold(tracks: list[TrunkTrack], modality: Modality) -> dict[str, fl
             owners.append((t.identity, t.clip))
     matrix = np.stack(vectors)
     scores = matrix @ matrix.T
-    same, diff = [], []
+    same: list[float] = []
+    diff: list[float] = []
     for i in range(len(owners)):
         for j in range(i + 1, len(owners)):
             (same if owners[i][0] == owners[j][0] else diff).append(scores[i, j])
@@ -318,21 +319,22 @@ def voice_platt(tracks: list[TrunkTrack]) -> dict[str, Any]:
     """Platt calibration of the voice-voice cosine: 3 s segments of one person vs of others."""
     vectors = [_unit(t.voices.mean(axis=1)) for t in tracks]
     owners = [t.identity for t in tracks]
-    scores, labels = [], []
-    for i, a in enumerate(vectors):
-        for j, b in enumerate(vectors):
+    scores: list[npt.NDArray[np.float64]] = []
+    labels: list[npt.NDArray[np.bool_]] = []
+    for i, first in enumerate(vectors):
+        for j, second in enumerate(vectors):
             if j < i:
                 continue
-            s = (a @ b.T).astype(np.float64)
+            pair = (first @ second.T).astype(np.float64)
             if i == j:
-                s = s[np.triu_indices(len(a), k=1)]
-            scores.append(s.ravel())
-            labels.append(np.full(s.size, owners[i] == owners[j]))
+                pair = pair[np.triu_indices(len(first), k=1)]
+            scores.append(pair.ravel())
+            labels.append(np.full(pair.size, owners[i] == owners[j]))
     joined, same = np.concatenate(scores), np.concatenate(labels)
-    a, b = platt(joined, same)
+    slope, intercept = platt(joined, same)
     return {
-        "a": round(a, 4),
-        "b": round(b, 4),
+        "a": round(slope, 4),
+        "b": round(intercept, 4),
         "fitted_on": "resemblyzer cosines of 3 s segments, train identities",
         "auc": round(roc_auc(joined, same), 4),
     }
@@ -349,7 +351,10 @@ def _eer_threshold(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_
 
 
 def _unit(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)).astype(np.float32)
+    scaled: npt.NDArray[np.float32] = (
+        x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
+    ).astype(np.float32)
+    return scaled
 
 
 def train_scratch(
@@ -376,7 +381,7 @@ def train_scratch(
         loss = contrastive_loss(f, v, v[ranged_negatives(distances, tau, gen)], MARGIN)
         loss = loss + contrastive_loss(v, f, f[ranged_negatives(distances.T, tau, gen)], MARGIN)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         losses.append(float(loss.detach()))
         step += 1
@@ -402,7 +407,10 @@ def _augment_face(faces: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt
     face = faces[rng.integers(len(faces))].astype(np.float32)
     if rng.random() < 0.5:
         face = face[:, ::-1]
-    return np.clip(face * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255)
+    jittered: npt.NDArray[Any] = np.clip(
+        face * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255
+    )
+    return jittered
 
 
 def scratch_voice(windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
