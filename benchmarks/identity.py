@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import environment, write_report  # noqa: E402
+from engine.identity.engine import unit  # noqa: E402
 from engine.identity.models import PINS_WEIGHTS_DIR, weights_digest  # noqa: E402
 from engine.identity.scoring import bootstrap_ci, eer, roc_auc  # noqa: E402
 from engine.identity.voice import slaney_mel_filterbank  # noqa: E402
@@ -50,25 +51,20 @@ from engine.models.pins import (  # noqa: E402
 )
 from engine.runtime.backends import OnnxBackend  # noqa: E402
 from pipelines.pins_data import IdentityTrack, prepare_all  # noqa: E402
-from pipelines.train_pins import TRUNK_FILES, scratch_voice  # noqa: E402
+from pipelines.train_pins import TRUNK_FILES, run_batched, scratch_voice  # noqa: E402
 
 Floats = npt.NDArray[np.float32]
 Embedder = Callable[[IdentityTrack], tuple[Floats, Floats, Floats, Floats]]
 """track -> (PINs faces (n, 256), PINs voices (s, 256), trunk faces (n, 128), trunk voices)."""
 
 
-def unit(x: npt.NDArray[Any]) -> Floats:
-    """Rows scaled to length 1."""
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)).astype(np.float32)
-
-
 def tower_embedder(face: OnnxBackend, voice: OnnxBackend) -> Embedder:
     """Embeddings through two assembled towers (a voice segment = mean of its 3 windows)."""
 
     def run(track: IdentityTrack) -> tuple[Floats, Floats, Floats, Floats]:
-        f = _batched(face, FACE_TOWER.input.name, track.faces.transpose(0, 3, 1, 2))
+        f = run_batched(face, FACE_TOWER.input.name, track.faces.transpose(0, 3, 1, 2))
         flat = track.voices.reshape(-1, 160, 257)
-        v = _batched(voice, VOICE_TOWER.input.name, flat).reshape(len(track.voices), 3, -1)
+        v = run_batched(voice, VOICE_TOWER.input.name, flat).reshape(len(track.voices), 3, -1)
         return f[:, :256], unit(v[:, :, :256].mean(axis=1)), f[:, 256:], unit(v[:, :, 256:].mean(1))
 
     return run
@@ -85,14 +81,6 @@ def scratch_embedder(face: ScratchFaceNet, voice: ScratchVoiceNet) -> Embedder:
         return f, v, f, v
 
     return run
-
-
-def _batched(backend: OnnxBackend, name: str, items: npt.NDArray[Any]) -> Floats:
-    rows = [
-        backend.run({name: np.ascontiguousarray(items[i : i + 32], dtype=np.float32)})
-        for i in range(0, len(items), 32)
-    ]
-    return np.concatenate(rows).astype(np.float32)
 
 
 def source_of(clip: str) -> str:
@@ -272,10 +260,10 @@ def cost(tracks: list[IdentityTrack], face: OnnxBackend, voice: OnnxBackend) -> 
     track = max(tracks, key=lambda t: len(t.faces))
     seconds = len(track.faces) / 5
     start = time.perf_counter()
-    _batched(face, FACE_TOWER.input.name, track.faces.transpose(0, 3, 1, 2))
+    run_batched(face, FACE_TOWER.input.name, track.faces.transpose(0, 3, 1, 2))
     face_s = time.perf_counter() - start
     start = time.perf_counter()
-    _batched(voice, VOICE_TOWER.input.name, track.voices.reshape(-1, 160, 257))
+    run_batched(voice, VOICE_TOWER.input.name, track.voices.reshape(-1, 160, 257))
     voice_s = time.perf_counter() - start
     return {
         "clip": track.clip,

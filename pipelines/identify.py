@@ -27,19 +27,22 @@ import numpy.typing as npt
 from engine.core.errors import InputError
 from engine.core.frame import NS_PER_S, FrameKind
 from engine.dsp.vad import StreamingVad, VadModel
-from engine.identity.engine import GalleryPerson, IdentityConfig, IdentityState, IdentityUpdate
+from engine.identity.engine import (
+    GalleryPerson,
+    IdentityConfig,
+    IdentityState,
+    IdentityUpdate,
+    unit,
+)
 from engine.identity.gallery import Gallery
-from engine.identity.models import MODEL_NAME, PinsModels, unit
+from engine.identity.models import MODEL_NAME, PinsModels
 from engine.identity.segments import SpeechSegment, SpeechSegmenter
-from engine.identity.voice import level_gain, spectrogram
 from pipelines.features import ClipFeatures, extract_clip
-from pipelines.pins_data import SPEAKING_CONFIDENCE, SPEAKING_MAX_OFFSET
+from pipelines.pins_data import FACE_EVERY, SPEAKING_CONFIDENCE, SPEAKING_MAX_OFFSET
 from pipelines.sync import TrackSync
 
 MAX_SHIFT = 15
 """Shifts searched each side when matching lips to a speech segment, frames."""
-FACE_EVERY = 5
-"""Embed one face in this many frames (5 a second)."""
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 Floats = npt.NDArray[np.float32]
@@ -189,8 +192,7 @@ class IdentifyRunner:
         return [(tid, pts, p, f) for (tid, pts, _, _), (p, f) in zip(jobs, rows, strict=True)]
 
     async def _voice(self, uri: str, index: int, segment: SpeechSegment) -> tuple[Floats, Floats]:
-        magnitude = spectrogram(segment.samples) * np.float32(level_gain(segment.samples))
-        return await self.pins.embed_voice((uri, -1, index * 100), magnitude)
+        return await self.pins.embed_speech((uri, -1, index * 100), segment.samples)
 
 
 def _replay(
@@ -342,8 +344,7 @@ async def voice_vectors(path: str, pins: PinsModels, vad: VadModel) -> Floats:
         raise InputError(f"{path}: no speech found to enroll (need at least 1 s)")
     rows = []
     for i, segment in enumerate(segments):
-        magnitude = spectrogram(segment.samples) * np.float32(level_gain(segment.samples))
-        rows.append(await pins.embed_voice(("enroll", -1, i * 100), magnitude))
+        rows.append(await pins.embed_speech(("enroll", -1, i * 100), segment.samples))
     return np.stack([voice for _, voice in rows])
 
 

@@ -27,7 +27,6 @@ from engine.dsp.vad import VadScore
 from engine.identity.engine import GalleryPerson, IdentityConfig, IdentityState, IdentityUpdate
 from engine.identity.models import PinsModels
 from engine.identity.segments import SpeechSegment, SpeechSegmenter
-from engine.identity.voice import level_gain, spectrogram
 from engine.vision.stage import FaceCrops
 
 log = logging.getLogger(__name__)
@@ -142,9 +141,8 @@ class StreamIdentity:
 
     async def _embed_voice(self, segment: SpeechSegment) -> None:
         try:
-            magnitude = await asyncio.to_thread(_magnitude, segment)
             key = (self.stream_id, -1, segment.end_ns // 1_000_000)
-            pins, voice = await self.pins.embed_voice(key, magnitude)
+            pins, voice = await self.pins.embed_speech(key, segment.samples)
             self.counters["voices_embedded"] += 1
             speaker, offscreen = self._speaker_of(segment)
             for update in self.state.add_voice(
@@ -168,7 +166,3 @@ class StreamIdentity:
         if state == "speaking" and track_id is not None:
             return track_id, False
         return None, state == "offscreen"
-
-
-def _magnitude(segment: SpeechSegment) -> np.ndarray:
-    return spectrogram(segment.samples) * np.float32(level_gain(segment.samples))

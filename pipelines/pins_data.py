@@ -10,7 +10,8 @@ Per track:
 - ``faces``: aligned crops ``(n, 112, 112, 3)`` every :data:`FACE_EVERY` frames;
 - ``voices``: spectrogram windows ``(segments, 3, 160, 257)``: each 3 s segment (hop 1.5 s) of the
   track's audio cut into the three 1.6 s windows the voice tower embeds (shorter tracks give one
-  segment, filled by repetition), scaled by :func:`engine.identity.voice.level_gain`.
+  segment, filled by repetition), scaled by level
+  (:func:`engine.identity.voice.scaled_spectrogram`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy.typing as npt
 
 from engine.core.errors import EngineError
 from engine.core.frame import NS_PER_S
-from engine.identity.voice import FRAMES_PER_S, level_gain, spectrogram, voice_windows
+from engine.identity.voice import FRAMES_PER_S, scaled_spectrogram, voice_windows
 from pipelines.features import ClipFeatures, TrackFeatures, extract_clip
 
 FACE_EVERY = 5
@@ -94,7 +95,7 @@ def track_voices(features: ClipFeatures, track: TrackFeatures) -> npt.NDArray[np
 
 def segment_windows(samples: npt.NDArray[np.int16]) -> npt.NDArray[np.float32]:
     """Cut 16 kHz audio into 3 s segments (hop 1.5 s), each as three voice windows."""
-    magnitude = spectrogram(samples) * level_gain(samples)
+    magnitude = scaled_spectrogram(samples)
     seg = int(SEGMENT_S * FRAMES_PER_S)
     hop = int(SEGMENT_HOP_S * FRAMES_PER_S)
     starts = list(range(0, max(1, len(magnitude) - seg + 1), hop))

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from engine.identity.engine import unit
 from engine.identity.scoring import eer, roc_auc
 from engine.identity.voice import normalize_bins, slaney_mel_filterbank
 from engine.models.pins import (
@@ -137,9 +138,11 @@ def trunk_embeddings(tracks: list[IdentityTrack], models: Path) -> list[TrunkTra
     }
     out = []
     for track in tracks:
-        faces = _run(sessions["face"], FACE_TOWER.input.name, track.faces.transpose(0, 3, 1, 2))
+        faces = run_batched(
+            sessions["face"], FACE_TOWER.input.name, track.faces.transpose(0, 3, 1, 2)
+        )
         flat = track.voices.reshape(-1, 160, 257)
-        voices = _run(sessions["voice"], VOICE_TOWER.input.name, flat)
+        voices = run_batched(sessions["voice"], VOICE_TOWER.input.name, flat)
         out.append(
             TrunkTrack(
                 identity=track.identity,
@@ -151,7 +154,10 @@ def trunk_embeddings(tracks: list[IdentityTrack], models: Path) -> list[TrunkTra
     return out
 
 
-def _run(backend: Any, name: str, items: npt.NDArray[Any], batch: int = 32) -> npt.NDArray[Any]:
+def run_batched(
+    backend: Any, name: str, items: npt.NDArray[Any], batch: int = 32
+) -> npt.NDArray[np.float32]:
+    """A tower over many items, ``batch`` at a time, as float32 rows."""
     rows = [
         backend.run({name: np.ascontiguousarray(items[i : i + batch], dtype=np.float32)})
         for i in range(0, len(items), batch)
@@ -285,9 +291,9 @@ def reid_threshold(tracks: list[TrunkTrack], modality: Modality) -> dict[str, fl
     """
     vectors, owners = [], []
     for t in tracks:
-        rows = t.faces if modality == "face" else _unit(t.voices.mean(axis=1))
+        rows = t.faces if modality == "face" else unit(t.voices.mean(axis=1))
         for chunk in np.array_split(rows, max(1, len(rows) // 10)):
-            vectors.append(_unit(chunk.mean(axis=0, keepdims=True))[0])
+            vectors.append(unit(chunk.mean(axis=0, keepdims=True))[0])
             owners.append((t.identity, t.clip))
     matrix = np.stack(vectors)
     scores = matrix @ matrix.T
@@ -317,7 +323,7 @@ def reid_threshold(tracks: list[TrunkTrack], modality: Modality) -> dict[str, fl
 
 def voice_platt(tracks: list[TrunkTrack]) -> dict[str, Any]:
     """Platt calibration of the voice-voice cosine: 3 s segments of one person vs of others."""
-    vectors = [_unit(t.voices.mean(axis=1)) for t in tracks]
+    vectors = [unit(t.voices.mean(axis=1)) for t in tracks]
     owners = [t.identity for t in tracks]
     scores: list[npt.NDArray[np.float64]] = []
     labels: list[npt.NDArray[np.bool_]] = []
@@ -348,13 +354,6 @@ def _eer_threshold(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_
         if abs(far - frr) < best:
             best, where = abs(far - frr), float(t)
     return where
-
-
-def _unit(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    scaled: npt.NDArray[np.float32] = (
-        x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
-    ).astype(np.float32)
-    return scaled
 
 
 def train_scratch(

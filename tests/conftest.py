@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +31,21 @@ TIME_FACTOR = float(os.environ.get("TALKSCOPE_TEST_TIME_FACTOR", "1"))
 def scaled(seconds: float) -> float:
     """A timeout scaled by the machine factor."""
     return seconds * TIME_FACTOR
+
+
+def run_talkscope(
+    *args: str, timeout_s: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a real process (``python -m engine ARGS``), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def clip(relative: str) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from engine.models.pins import (
 from engine.runtime.backends import OnnxBackend
 from pipelines.identify import read_audio, speech_segments
 from pipelines.scenes import Shot, build_sequence
-from tests.conftest import REPO, SHARED, clip, scaled
+from tests.conftest import REPO, SHARED, clip, run_talkscope, scaled
 from tests.test_live import collect, serving
 
 A_CLIP = "mimictalk/German_20s.mp4"  # P74, test split
@@ -41,17 +40,9 @@ SFACE = SHARED / "models" / "sface" / "face_recognition_sface_2021dec_int8bq.fix
 RESEMBLYZER = SHARED / "models" / "resemblyzer" / "resemblyzer_encoder.onnx"
 
 
-def talkscope(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def talkscope(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a real process."""
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=scaled(300),
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    return run_talkscope(*args, timeout_s=scaled(300))
 
 
 def identify(*paths: Path, gallery: Path | None = None) -> list[dict[str, Any]]:

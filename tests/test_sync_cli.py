@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from engine.models.spec import SYNCNET_LITE, SYNCNET_V2
 from engine.models.syncnet_lite import SyncNetLiteModel
 from engine.models.syncnet_v2 import SyncNetV2Model
 from pipelines.sync import SyncRunner
-from tests.conftest import REPO, clip, remux
+from tests.conftest import clip, remux, run_talkscope
 
 SYNC_CLIP = "mimictalk/German_20s.mp4"
 """A test-split clip (an identity never trained on): 20 s, one face, speech throughout."""
@@ -41,14 +39,7 @@ TRACK_KEYS = {"track_id", "offset_frames", "offset_ms", "confidence", "min_dist"
 
 
 def talkscope(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, **(env or {})},
-    )
+    return run_talkscope(*args, timeout_s=180, env=env)
 
 
 def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:

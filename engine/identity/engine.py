@@ -45,7 +45,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -95,24 +95,16 @@ class IdentityConfig:
         """
         try:
             data = json.loads(path.read_text())
-            values: dict[str, float] = {
-                "face_threshold": float(data["face_reid"]["threshold"]),
-                "voice_threshold": float(data["voice_reid"]["threshold"]),
-                "match_a": float(data["voice_match"]["a"]),
-                "match_b": float(data["voice_match"]["b"]),
-                "voice_a": float(data["voice_voice"]["a"]),
-                "voice_b": float(data["voice_voice"]["b"]),
-            }
+            config = cls(
+                face_threshold=float(data["face_reid"]["threshold"]),
+                voice_threshold=float(data["voice_reid"]["threshold"]),
+                match_a=float(data["voice_match"]["a"]),
+                match_b=float(data["voice_match"]["b"]),
+                voice_a=float(data["voice_voice"]["a"]),
+                voice_b=float(data["voice_voice"]["b"]),
+            )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise WeightsError(f"{path}: not a PINs calibration file ({error})") from error
-        config = cls(
-            face_threshold=values["face_threshold"],
-            voice_threshold=values["voice_threshold"],
-            match_a=values["match_a"],
-            match_b=values["match_b"],
-            voice_a=values["voice_a"],
-            voice_b=values["voice_b"],
-        )
         return replace(config, **overrides)
 
 
@@ -190,11 +182,11 @@ class _TrackIdentity:
 
     @property
     def face(self) -> Vector:
-        return _unit(self.face_sum)
+        return unit(self.face_sum)
 
     @property
     def pins(self) -> Vector:
-        return _unit(self.pins_sum)
+        return unit(self.pins_sum)
 
 
 @dataclass
@@ -239,8 +231,8 @@ class IdentityState:
             track = self._tracks[track_id] = _TrackIdentity(
                 track_id, np.zeros_like(face), np.zeros_like(pins)
             )
-        track.face_sum = track.face_sum + _unit(face)
-        track.pins_sum = track.pins_sum + _unit(pins)
+        track.face_sum = track.face_sum + unit(face)
+        track.pins_sum = track.pins_sum + unit(pins)
         track.count += 1
         if track.identity is None and track.count >= self.config.min_faces:
             self._assign(track)
@@ -277,7 +269,7 @@ class IdentityState:
                 on screen (it is identified by voice), False when who speaks is unknown (the
                 segment only updates the voice-face match).
         """
-        pins, voice = _unit(pins), _unit(voice)
+        pins, voice = unit(pins), unit(voice)
         self._speech = _Speech(pts_ns, pins, voice, speaker)
         track = self._tracks.get(speaker) if speaker is not None else None
         if track is not None and track.identity is not None:
@@ -320,15 +312,26 @@ class IdentityState:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _assign(self, track: _TrackIdentity) -> None:
+    def _closest(
+        self, vector: Vector, modality: Literal["face", "voice"]
+    ) -> tuple[_Identity | None, float]:
+        """The remembered identity whose face (or voice) is closest to ``vector``, and its cosine.
+
+        Only identities no live track holds; ``(None, -1)`` when there is none.
+        """
         held = {t.identity.identity_id for t in self._tracks.values() if t.identity is not None}
         best, score = None, -1.0
         for identity in self._identities:
-            if identity.face is None or identity.identity_id in held:
+            known = identity.face if modality == "face" else identity.voice
+            if known is None or identity.identity_id in held:
                 continue
-            cosine = float(identity.face @ track.face)
+            cosine = float(known @ vector)
             if cosine > score:
                 best, score = identity, cosine
+        return best, score
+
+    def _assign(self, track: _TrackIdentity) -> None:
+        best, score = self._closest(track.face, "face")
         if best is not None and score >= self.config.face_threshold:
             track.identity, track.face_score = best, score
         else:
@@ -363,14 +366,7 @@ class IdentityState:
         return None, 1.0
 
     def _offscreen(self, pts_ns: int, seconds: float, voice: Vector) -> IdentityUpdate:
-        held = {t.identity.identity_id for t in self._tracks.values() if t.identity is not None}
-        best, score = None, -1.0
-        for identity in self._identities:
-            if identity.voice is None or identity.identity_id in held:
-                continue
-            cosine = float(identity.voice @ voice)
-            if cosine > score:
-                best, score = identity, cosine
+        best, score = self._closest(voice, "voice")
         if best is None or score < self.config.voice_threshold:
             best, matched = self._new(), None
         else:
@@ -412,15 +408,20 @@ class IdentityState:
         )
 
 
-def _unit(vector: npt.NDArray[np.floating]) -> Vector:
-    norm = float(np.linalg.norm(vector))
-    return (vector / norm if norm > 0 else vector).astype(np.float32)
+def unit(vectors: npt.NDArray[np.floating]) -> Vector:
+    """``vectors`` scaled to length 1 along the last axis.
+
+    One vector or rows of them; a zero vector stays zero.
+    """
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    scaled: Vector = (vectors / np.maximum(norms, 1e-9)).astype(np.float32)
+    return scaled
 
 
 def _blend(old: Vector | None, old_n: int, new: Vector, new_n: int) -> Vector:
     if old is None or old_n == 0:
-        return _unit(new)
-    return _unit(old * old_n + new * max(1, new_n))
+        return unit(new)
+    return unit(old * old_n + new * max(1, new_n))
 
 
 def _sigmoid(x: float) -> float:

@@ -9,6 +9,7 @@ with everybody else's); both return the PINs embedding and the unimodal one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.core.errors import WeightsError
-from engine.identity.engine import IdentityConfig
-from engine.identity.voice import voice_windows
+from engine.identity.engine import IdentityConfig, unit
+from engine.identity.voice import scaled_spectrogram, voice_windows
 from engine.models.pins import EMBEDDING_SIZE, FACE_TOWER, VOICE_TOWER, PinsTowerSpec
 from engine.models.spec import sha256_file
 from engine.runtime.backends import OnnxBackend
@@ -131,6 +132,14 @@ class PinsModels:
         out = await self.face.submit(key, {FACE_TOWER.input.name: face})
         return split(out)
 
+    async def embed_speech(self, key: Key, samples: npt.NDArray[np.int16]) -> tuple[Floats, Floats]:
+        """PINs and resemblyzer embeddings of 16 kHz speech samples.
+
+        The scaled spectrogram is computed in a worker thread, then :meth:`embed_voice`.
+        """
+        magnitude = await asyncio.to_thread(scaled_spectrogram, samples)
+        return await self.embed_voice(key, magnitude)
+
     async def embed_voice(self, key: Key, magnitude: Floats) -> tuple[Floats, Floats]:
         """PINs and resemblyzer embeddings of one speech segment.
 
@@ -150,9 +159,3 @@ def split(row: npt.NDArray[Any]) -> tuple[Floats, Floats]:
     """A tower's output row: the PINs embedding, then the unimodal one."""
     row = np.asarray(row, dtype=np.float32)
     return row[:EMBEDDING_SIZE], row[EMBEDDING_SIZE:]
-
-
-def unit(vector: npt.NDArray[np.floating]) -> Floats:
-    """``vector`` scaled to length 1."""
-    norm = float(np.linalg.norm(vector))
-    return (vector / max(norm, 1e-9)).astype(np.float32)

@@ -49,6 +49,14 @@ def spectrogram(samples: npt.NDArray[np.int16] | npt.NDArray[np.floating]) -> Fl
     return np.concatenate((head, stream.flush())).astype(np.float32)
 
 
+def scaled_spectrogram(samples: npt.NDArray[np.int16]) -> Floats:
+    """The voice tower's input for a stretch of speech.
+
+    :func:`spectrogram` times :func:`level_gain`.
+    """
+    return spectrogram(samples) * np.float32(level_gain(samples))
+
+
 def level_gain(samples: npt.NDArray[np.int16] | npt.NDArray[np.floating]) -> float:
     """The gain bringing the signal's RMS to :data:`TARGET_DBFS`.
 
