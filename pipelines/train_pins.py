@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from engine.core.errors import UsageError
 from engine.identity.engine import unit
 from engine.identity.scoring import eer, roc_auc
 from engine.identity.voice import normalize_bins, slaney_mel_filterbank
@@ -423,10 +424,26 @@ async def _load(data: Path, cache: Path) -> list[IdentityTrack]:
     return [t for t in tracks if t.speaking]
 
 
+def check_inputs(data: Path, models: Path) -> None:
+    """Refuse, before any work, a data folder without ``clips.csv`` or missing trunks.
+
+    Raises:
+        UsageError: a file is missing (exit code 2).
+    """
+    needed = [data / "clips.csv", *(models / f for f in TRUNK_FILES.values())]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        raise UsageError(
+            f"talkscope train pins needs {', '.join(missing)}: pass --data (the shared clips) "
+            "and --models (sface/ and resemblyzer/)"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole training; returns the report written to ``training.json``."""
     from engine.models.pins_export import assemble_tower
 
+    check_inputs(args.data, args.models)
     started = time.monotonic()
     all_tracks = asyncio.run(prepare_all(args.data, args.cache, {"train"}))
     tracks = [t for t in all_tracks if t.speaking]

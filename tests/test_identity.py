@@ -258,6 +258,14 @@ def test_enrolment_needs_a_face_or_a_voice_and_finds_one(tmp_path: Path) -> None
     assert done.returncode == 2 and "no speech" in done.stderr
 
 
+def test_training_without_its_data_exits_2_before_any_work(tmp_path: Path) -> None:
+    paths = ("--data", str(tmp_path), "--models", str(tmp_path), "--out", str(tmp_path / "out"))
+    done = talkscope("train", "pins", *paths, "--cache", str(tmp_path / "cache"))
+    assert done.returncode == 2, done.stderr
+    assert "clips.csv" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_processes_enrolling_at_once_lose_nothing(tmp_path: Path) -> None:
     gallery = tmp_path / "gallery.db"
     people = [("Katie", B_CLIP), ("Anna", A_CLIP)]
