@@ -6,6 +6,7 @@ import asyncio
 import re
 import statistics
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from clients.talkscope_client import TalkscopeClient, TokenRefused
 from engine.analysis.speaker import SpeakerConfig, SpeakerSelector
 from pipelines.scenes import build_scene
-from tests.conftest import REPO, clip, remux, scaled
+from tests.conftest import REPO, clip, free_udp_port, remux, scaled, serve_udp
 
 GERMAN = "mimictalk/German_20s.mp4"
 ANCHOR = "dfrf/cnn2_25fps.mp4"
@@ -162,3 +163,50 @@ async def test_a_missing_source_is_an_error_event_and_the_other_stream_runs(
     assert ("bad", "error") in states
     assert ("good", "ended") in states
     assert any(e["type"] == "track_start" and e["stream_id"] == "good" for e in events)
+
+
+async def events_until_back(url: str, seen: list[dict[str, Any]]) -> None:
+    """Collect events until the stream came back after an outage and gave a face event again."""
+    outage = back = False
+    async with TalkscopeClient(url) as client:
+        async for event in client.events():
+            seen.append(event)
+            state = event.get("state") if event["type"] == "stream" else None
+            if state in ("stalled", "reconnecting"):
+                outage = True
+            elif state == "started" and outage:
+                back = True
+            elif back and event["type"] in ("track_start", "sync", "speaker"):
+                return
+
+
+@pytest.mark.slow
+async def test_a_udp_source_that_disappears_and_comes_back() -> None:
+    """A live UDP stream stops for 4 s and resumes: stalled, reconnected, faces again."""
+    port = free_udp_port()
+    stop = threading.Event()
+    source = clip(GERMAN)
+    seen: list[dict[str, Any]] = []
+    async with serving("--source", f"cam=udp://127.0.0.1:{port}") as url:
+        listener = asyncio.create_task(events_until_back(url, seen))
+        senders: list[asyncio.Task[None]] = []
+        try:
+            await asyncio.to_thread(serve_udp, source, port, 5.0, stop)
+            await asyncio.sleep(4.0)  # the sender is gone
+            senders.append(
+                asyncio.create_task(asyncio.to_thread(serve_udp, source, port, 12.0, stop))
+            )
+            await asyncio.wait_for(asyncio.shield(listener), scaled(40))
+        finally:
+            stop.set()
+            listener.cancel()
+            await asyncio.gather(listener, *senders, return_exceptions=True)
+    states = [e["state"] for e in seen if e["type"] == "stream"]
+    assert states[0] == "started"
+    assert "stalled" in states or "reconnecting" in states
+    assert states.count("started") >= 2, states
+    assert "error" not in states and "ended" not in states
+    outage = min(i for i, e in enumerate(seen) if e.get("state") in ("stalled", "reconnecting"))
+    assert any(e["type"] == "track_start" for e in seen[:outage])  # a face before the outage
+    after = [e for e in seen[outage:] if e["type"] in ("track_start", "sync", "speaker")]
+    assert after and all(e["stream_id"] == "cam" for e in after)

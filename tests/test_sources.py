@@ -9,7 +9,6 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
@@ -32,7 +31,15 @@ from engine.sources import (
     UrlSource,
     open_source,
 )
-from tests.conftest import audio_of, clip, collect, scaled, write_clip
+from tests.conftest import (
+    audio_of,
+    clip,
+    collect,
+    free_udp_port,
+    scaled,
+    serve_udp,
+    write_clip,
+)
 
 FRAME_NS = 40_000_000
 
@@ -238,46 +245,6 @@ async def test_unreachable_url_gives_up_after_its_attempts() -> None:
 
 
 # --- a real stream served on loopback --------------------------------------------------------
-
-
-def free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def serve_udp(path: Path, port: int, seconds: float, stop: threading.Event) -> None:
-    """Transcode a real clip to MPEG-TS (H.264 + AAC) and send it over UDP at real time."""
-    with (
-        av.open(str(path)) as src,
-        av.open(f"udp://127.0.0.1:{port}?pkt_size=1316", "w", format="mpegts") as out,
-    ):
-        vin, ain = src.streams.video[0], src.streams.audio[0]
-        vout = out.add_stream("libx264", rate=25)
-        vout.width, vout.height, vout.pix_fmt = vin.width, vin.height, "yuv420p"
-        vout.options = {"preset": "ultrafast", "tune": "zerolatency", "g": "10"}
-        aout = out.add_stream("aac", rate=16000)
-        aout.layout = "mono"
-        resampler = av.AudioResampler(format="fltp", layout="mono", rate=16000)
-        started = time.monotonic()
-        for frame in src.decode(vin, ain):
-            t = float(frame.time or 0.0)
-            if t > seconds or stop.is_set():
-                break
-            delay = started + t - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            if isinstance(frame, av.VideoFrame):
-                picture = frame.reformat(format="yuv420p")
-                picture.pts, picture.time_base = round(t * 25), Fraction(1, 25)
-                for packet in vout.encode(picture):
-                    out.mux(packet)
-            else:
-                for resampled in resampler.resample(frame):
-                    for packet in aout.encode(resampled):
-                        out.mux(packet)
 
 
 async def read_udp(port: int, until_frames: int, **options: object) -> list[Frame]:
