@@ -187,9 +187,9 @@ async def extract_clip(
     Raises:
         EngineError: the source cannot be opened or decoded.
     """
-    from engine.vision.crops import CropConfig
+    from engine.vision.crops import SYNC_SMOOTH_LAG_FRAMES, CropConfig
 
-    config = face_config or FaceConfig(crops=CropConfig(smooth_lag_frames=6))
+    config = face_config or FaceConfig(crops=CropConfig(smooth_lag_frames=SYNC_SMOOTH_LAG_FRAMES))
     features = ClipFeatures(source=uri, mfcc_preset=preset)
     collector = _Collector(want_face, want_aligned, want_audio)
     source = open_source(uri, require_audio=require_audio, require_video=True)

@@ -11,7 +11,13 @@ import numpy.typing as npt
 import pytest
 from scipy import signal
 
-from engine.analysis import SyncEstimate, estimate_sync, medfilt, pairwise_shift_distances
+from engine.analysis import (
+    SyncEstimate,
+    estimate_sync,
+    lip_match,
+    medfilt,
+    pairwise_shift_distances,
+)
 
 Array = npt.NDArray[np.float64]
 
@@ -313,6 +319,34 @@ def test_audio_around_the_run_replaces_the_zero_padding() -> None:
         estimate_sync(video, audio, max_shift=15, audio_lead=16)
     with pytest.raises(ValueError, match="after the run"):
         estimate_sync(video, audio, max_shift=15, audio_lead=0)
+
+
+def test_lip_match_with_the_whole_shift_range_is_lse_c_at_sync() -> None:
+    rng = np.random.default_rng(5)
+    video = rng.standard_normal((25, 8))
+    audio = rng.standard_normal((25 + 30, 8))
+    estimate = estimate_sync(video, audio, max_shift=15, audio_lead=15)
+    means = estimate.mean_dists  # column j reads audio row i + j (here), offset 15 - j
+    expected = np.median(means) - means[14:17].min()
+    assert lip_match(video, audio, before=15, after=15, near=1) == pytest.approx(expected, 1e-12)
+
+
+def test_lip_match_needs_only_a_little_sound_past_the_lips() -> None:
+    rng = np.random.default_rng(6)
+    sound = rng.standard_normal((60, 16))
+    lips = sound[20:45] + 0.3 * rng.standard_normal((25, 16))  # these lips fit rows 20..44
+    other = rng.standard_normal((25, 16))
+    audio = sound[5:47]  # 15 rows before the run and 2 after
+    fitting = lip_match(lips, audio, before=15, after=2)
+    assert fitting > 1.0
+    assert abs(lip_match(other, audio, before=15, after=2)) < 0.5
+    late = sound[7:49]  # the lips fit 2 rows earlier than paired: still within near=2 ...
+    assert lip_match(lips, late, before=15, after=2, near=2) == pytest.approx(fitting, rel=0.2)
+    assert lip_match(lips, late, before=15, after=2, near=0) < 0.5 * fitting  # ... not exactly
+    with pytest.raises(ValueError, match="audio must be"):
+        lip_match(lips, audio[:-1], before=15, after=2)
+    with pytest.raises(ValueError, match="near"):
+        lip_match(lips, audio, before=15, after=2, near=3)
 
 
 def test_audio_window_range_counts_whole_windows_around_the_run() -> None:

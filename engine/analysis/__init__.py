@@ -7,8 +7,15 @@ on a live stream come from one implementation.
 from engine.analysis.sync import (
     SyncEstimate,
     estimate_sync,
+    lip_match,
     medfilt,
     pairwise_shift_distances,
 )
 
-__all__ = ["SyncEstimate", "estimate_sync", "medfilt", "pairwise_shift_distances"]
+__all__ = [
+    "SyncEstimate",
+    "estimate_sync",
+    "lip_match",
+    "medfilt",
+    "pairwise_shift_distances",
+]

@@ -156,6 +156,55 @@ def _shift_distances(
     return dists
 
 
+def lip_match(
+    video_emb: npt.ArrayLike,
+    audio_emb: npt.ArrayLike,
+    *,
+    before: int = DEFAULT_MAX_SHIFT,
+    after: int = 2,
+    near: int = 1,
+) -> float:
+    """How well a run of lips fits the sound at about zero offset, for choosing the speaker.
+
+    The mean distance over the run is taken at every audio shift ``-before..+after`` (video row
+    ``i`` against audio row ``before + i + s``); the match is the median of those means minus the
+    smallest within ``±near`` of zero: LSE-C measured at sync rather than at the best shift.
+    Lips that fit the sound score high, other lips near 0. Unlike :func:`estimate_sync`, it
+    needs only ``after`` frames of sound past the lips, so a live engine can answer "who is
+    speaking" without waiting for the whole shift range of future audio.
+
+    Args:
+        video_emb: ``(frames, dim)`` lip embeddings of consecutive windows.
+        audio_emb: ``(before + frames + after, dim)`` audio embeddings; row ``before + i``
+            pairs with ``video_emb[i]``.
+        before: shifts towards earlier sound, at least ``near``.
+        after: shifts towards later sound, at least ``near``.
+        near: the shifts that count as in sync, each side of zero.
+
+    Raises:
+        ValueError: shapes do not fit, or a shift count is out of range.
+    """
+    video = np.asarray(video_emb, dtype=np.float64)
+    audio = np.asarray(audio_emb, dtype=np.float64)
+    if not 0 <= near <= min(before, after):
+        raise ValueError(f"near must be within 0..min(before, after), got {near}")
+    if video.ndim != 2 or video.shape[0] == 0 or audio.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D and not empty: {video.shape}, {audio.shape}")
+    frames = video.shape[0]
+    if audio.shape != (before + frames + after, video.shape[1]):
+        raise ValueError(
+            f"audio must be {(before + frames + after, video.shape[1])} for {frames} frames, "
+            f"{before} before and {after} after, got {audio.shape}"
+        )
+    means = np.array(
+        [
+            np.linalg.norm(video - audio[k : k + frames] + PAIRWISE_EPS, axis=1).mean()
+            for k in range(before + after + 1)
+        ]
+    )
+    return float(np.median(means) - means[before - near : before + near + 1].min())
+
+
 def medfilt(x: npt.ArrayLike, kernel_size: int = FRAMEWISE_KERNEL) -> npt.NDArray[np.float64]:
     """Median filter of a 1-D signal with zero padding, as ``scipy.signal.medfilt`` computes it.
 
