@@ -38,13 +38,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import threadpool_limits
 
 from engine.analysis.speaker import SpeakerConfig, SpeakerSelector
-from engine.analysis.sync import SyncEstimate, estimate_sync
+from engine.analysis.sync import SyncEstimate, estimate_sync, lip_match
 from engine.analysis.windows import FRAME_NS
 from engine.core.errors import EngineError
 from engine.core.frame import Frame, FrameKind
 from engine.core.stage import Pipeline
+from engine.dsp.mfcc import mfcc
 from engine.dsp.stage import MfccBlock, MfccStage
 from engine.dsp.vad import StreamingVad, VadModel
 from engine.events import make_event
@@ -65,9 +67,16 @@ from engine.sources import open_source
 from engine.sources.base import MediaSource, SourceState, SourceStateChange
 from engine.sources.kinds import redact
 from engine.sources.webrtc import WebRtcSource
-from engine.vision.crops import CropConfig
+from engine.vision.crops import SYNC_SMOOTH_LAG_FRAMES, CropConfig
 from engine.vision.geometry import Box
-from engine.vision.stage import FaceConfig, FaceCrops, FaceStage, TrackEnded, TrackStarted
+from engine.vision.stage import (
+    FaceConfig,
+    FaceCrops,
+    FaceStage,
+    TrackEnded,
+    TrackStarted,
+    warmed_backend,
+)
 from pipelines.live_identity import StreamIdentity
 
 log = logging.getLogger(__name__)
@@ -92,7 +101,10 @@ class LiveConfig:
         score_frames: frames the speaking score averages.
         asd_frames: frames of history the Light-ASD back-end reads per update.
         speech_min: the share of a sync window's VAD that must be speech for an estimate.
-        match_temperature: how sharply the sync match shares the speaking score out between
+        match_window_s: the recent stretch over which each face's lips are matched to the sound
+            to choose the speaker, seconds (shorter than the sync window: a quick switch).
+        match_after: frames of sound past the lips the speaker match waits for.
+        match_temperature: how sharply the lip match shares the speaking score out between
             faces (see ``_speaking_scores``).
         max_batch: visual steps per model call.
         max_wait_ms: how long a partial batch waits.
@@ -112,6 +124,8 @@ class LiveConfig:
     score_frames: int = 15
     asd_frames: int = 50
     speech_min: float = 0.3
+    match_window_s: float = 1.0
+    match_after: int = 2
     match_temperature: float = 0.02
     max_batch: int = 8
     max_wait_ms: float = 10.0
@@ -120,7 +134,9 @@ class LiveConfig:
     providers: str = "cpu"
     speaker: SpeakerConfig = field(default_factory=SpeakerConfig)
     face: FaceConfig = field(
-        default_factory=lambda: FaceConfig(crops=CropConfig(smooth_lag_frames=2))
+        default_factory=lambda: FaceConfig(
+            crops=CropConfig(smooth_lag_frames=SYNC_SMOOTH_LAG_FRAMES)
+        )
     )
     loop_files: bool = False
     identity: bool = True
@@ -130,6 +146,11 @@ class LiveConfig:
     def window_frames(self) -> int:
         """The sync window in frames."""
         return round(self.window_s * 25)
+
+    @property
+    def match_frames(self) -> int:
+        """The speaker match's window in frames."""
+        return round(self.match_window_s * 25)
 
 
 class LiveModels:
@@ -200,7 +221,8 @@ class LiveModels:
         return True
 
     async def __aenter__(self) -> LiveModels:
-        """Start the batchers."""
+        """Load the DSP kernels, start the batchers."""
+        await asyncio.to_thread(_warm_dsp)
         await self.visual.__aenter__()
         await self.audio.__aenter__()
         if self.pins is not None:
@@ -219,6 +241,15 @@ class LiveModels:
         if self.pins is not None:
             await self.pins.aclose()
         self.analysis.shutdown(wait=False, cancel_futures=True)
+
+
+def _warm_dsp() -> None:
+    """Compile (or load from Numba's cache) the MFCC kernels off the event loop.
+
+    Otherwise the first stream's first audio does it on the loop, 0.4 s with a warm cache and
+    seconds without, while every started stream's frames fall due and are dropped.
+    """
+    mfcc(np.zeros(3200, dtype=np.float32), 16_000, "syncnet")
 
 
 class Percentiles:
@@ -397,12 +428,13 @@ class LiveStream:
         return source
 
     async def _run(self) -> None:
+        backend = await asyncio.to_thread(warmed_backend)  # ready before the first frame is due
         source = self.source = self._open()
         async with (
             source,
             Pipeline[Any](
                 self._stamped(source),
-                [FaceStage(self.config.face)],
+                [FaceStage(self.config.face, backend_factory=lambda: backend)],
                 capacity=16,
                 name=self.stream_id,
             ) as pipe,
@@ -550,7 +582,7 @@ class LiveStream:
         frame = self._frame_of(crops.pts_ns)
         if self.identity is not None:
             self.identity.on_crops(crops, frame)
-        arrival = self.arrivals.get(frame)
+        arrival = self._newest_arrival(frame + self._look_ahead)
         if arrival is not None:
             self.latency["faces"].add((time.monotonic_ns() - arrival) / 1e6)
         if track.next_frame is not None and frame != track.next_frame:
@@ -635,9 +667,10 @@ class LiveStream:
             track.embeddings[f] = emb
         track.scored_until = until
         track.score = float(probs[-self.config.score_frames :].mean())
+        track.match = self._lip_match(track)
         sync = await self._sync(track, loop)
         self.latency["analysis"].add((time.monotonic_ns() - start_ns) / 1e6)
-        self._latency_of(max(newest_crop, until + AUDIO_CONTEXT_FRAMES))
+        self._latency_of(max(newest_crop + self._look_ahead, until + AUDIO_CONTEXT_FRAMES))
         if sync is not None:
             end = sync.pop("end_frame")
             box = track.boxes.get(end, track.box)
@@ -654,6 +687,28 @@ class LiveStream:
         if len(span) < 5 or any(f not in track.features for f in span):
             return []
         return span
+
+    def _lip_match(self, track: _Track) -> float | None:
+        """How well the track's recent lips fit the sound near sync; None without enough of it.
+
+        Over the last ``match_window_s`` of windows whose sound (``match_after`` frames past
+        them) is in: the speaker choice then lags the picture by a fraction of a second, where
+        the sync estimate waits for ``max_shift`` frames of future sound over a longer window.
+        """
+        config = self.config
+        if not track.embeddings or not self.audio_embeddings:
+            return None
+        end = min(max(track.embeddings), max(self.audio_embeddings) - config.match_after)
+        window = [f for f in range(end - config.match_frames + 1, end + 1) if f in track.embeddings]
+        run = _last_run(window)
+        if len(run) < config.match_frames // 2:
+            return None
+        audio_frames = range(run[0] - config.max_shift, run[-1] + config.match_after + 1)
+        if any(f not in self.audio_embeddings for f in audio_frames):
+            return None
+        video = np.stack([track.embeddings[f] for f in run])
+        audio = np.stack([self.audio_embeddings[f] for f in audio_frames])
+        return lip_match(video, audio, before=config.max_shift, after=config.match_after)
 
     async def _sync(self, track: _Track, loop: asyncio.AbstractEventLoop) -> dict[str, Any] | None:
         config = self.config
@@ -674,19 +729,15 @@ class LiveStream:
             "min_dist": None,
         }
         if len(run) < round(config.min_window_s * 25):
-            track.match = None
             return base | {"state": "unknown", "frames": len(run), "reason": "warming up"}
         audio_frames = range(run[0] - shift, run[-1] + shift + 1)
         if any(f not in self.audio_embeddings for f in audio_frames):
-            track.match = None
             return base | {"state": "unknown", "frames": len(run), "reason": "no audio"}
         if self._speech(run[0], run[-1] + 5) < config.speech_min:
-            track.match = None
             return base | {"state": "unknown", "frames": len(run), "reason": "no speech"}
         video = np.stack([track.embeddings[f] for f in run])
         audio = np.stack([self.audio_embeddings[f] for f in audio_frames])
         estimate = await loop.run_in_executor(self.models.analysis, _estimate, video, audio, shift)
-        track.match = _match(estimate)
         return base | {
             "state": "ok",
             "frames": len(run),
@@ -729,10 +780,20 @@ class LiveStream:
             since_pts_ns=None,
         )
 
-    def _latency_of(self, newest_frame: int) -> None:
+    @property
+    def _look_ahead(self) -> int:
+        """Frames past a crop's own that its smoothed box read: the newest frame a crop used."""
+        return self.config.face.crops.smooth_lag_frames
+
+    def _newest_arrival(self, newest_frame: int) -> int | None:
+        """Monotonic ns at which the newest media up to ``newest_frame`` arrived."""
         arrivals = [a for f, a in self.arrivals.items() if f <= newest_frame]
-        if arrivals:
-            self.latency["end_to_end"].add((time.monotonic_ns() - max(arrivals)) / 1e6)
+        return max(arrivals) if arrivals else None
+
+    def _latency_of(self, newest_frame: int) -> None:
+        arrival = self._newest_arrival(newest_frame)
+        if arrival is not None:
+            self.latency["end_to_end"].add((time.monotonic_ns() - arrival) / 1e6)
 
     def _trim(self) -> None:
         keep = self.config.window_frames + 2 * self.config.max_shift + self.config.asd_frames + 60
@@ -828,13 +889,6 @@ def _score_and_embed(
     return probs, embeddings
 
 
-def _match(estimate: SyncEstimate) -> float:
-    """Median minus the smallest mean distance within ±2 frames of sync (LSE-C near 0)."""
-    dists = estimate.mean_dists
-    centre = estimate.max_shift
-    return float(np.median(dists) - dists[centre - 2 : centre + 3].min())
-
-
 def _speaking_scores(tracks: Sequence[_Track], temperature: float) -> dict[int, float]:
     """Each track's speaking score: Light-ASD's P(speaking), shared out by lip-sync match.
 
@@ -895,7 +949,17 @@ class LiveEngine:
         self._stream_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, *, keep_running: bool = False) -> None:
-        """Run every stream until all have ended, or until cancelled with ``keep_running``."""
+        """Run every stream until all have ended, or until cancelled with ``keep_running``.
+
+        NumPy's BLAS runs single-threaded meanwhile: the engine's matrices are small and its
+        parallelism is across streams and stages, where OpenBLAS's own threads only spin
+        against them (three streams on two cores: 25.6 s of CPU in 14 s and 1.1 s latency with
+        them, 18.3 s and 0.39 s without).
+        """
+        with threadpool_limits(limits=1, user_api="blas"):
+            await self._run(keep_running)
+
+    async def _run(self, keep_running: bool) -> None:
         async with LiveModels(self.config) as models, asyncio.TaskGroup() as group:
             self._models, self._group = models, group
             for stream_id, uri in self.sources:

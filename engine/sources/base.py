@@ -341,7 +341,7 @@ class MediaSource:
         After a reconnect the new connection's clock starts afresh, so its timeline is placed
         after the last frame delivered plus the wall time the outage lasted (until it reopened).
         """
-        demuxer = Demuxer(spec, self.stream_id)
+        demuxer = Demuxer(spec, self.stream_id, low_delay=self.live or self.paced)
         if attempt and reached.wall_ns:
             outage_ns = time.monotonic_ns() - reached.wall_ns
             base_ns = max(base_ns, reached.end_ns + outage_ns)

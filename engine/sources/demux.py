@@ -69,8 +69,14 @@ class Demuxer:
         stream_id: stamped on every frame.
     """
 
-    def __init__(self, spec: OpenSpec, stream_id: str) -> None:
+    def __init__(self, spec: OpenSpec, stream_id: str, *, low_delay: bool = False) -> None:
         """Open the container (blocking) and pick its first audio and video streams.
+
+        ``low_delay``: decode video with slice threads rather than frame threads. Frame threads
+        decode fastest in bulk but hold a frame per thread; a real-time source wants each
+        picture as soon as it is due, and several of them sharing a few cores lose more to
+        the extra threads than they gain (four paced streams on two cores: p95 latency about
+        0.6 s with slices against 0.8-1.0 s with frames).
 
         Raises:
             EngineError: the container cannot be opened, or has none of the wanted streams.
@@ -81,6 +87,8 @@ class Demuxer:
         self._container = _open(spec)
         self._audio = _first(self._container, "audio") if spec.want_audio else None
         self._video = _first(self._container, "video") if spec.want_video else None
+        if isinstance(self._video, av.video.stream.VideoStream):
+            self._video.thread_type = "SLICE" if low_delay else "AUTO"
         if self._audio is None and self._video is None:
             self.close()
             raise MissingStream(f"{spec.label}: no audio or video stream in the media")
@@ -172,10 +180,7 @@ def _first(
     streams = container.streams.audio if kind == "audio" else container.streams.video
     if not streams:
         return None
-    stream = streams[0]
-    if isinstance(stream, av.video.stream.VideoStream):
-        stream.thread_type = "AUTO"  # frame threads: decoding large video is the costly part
-    return stream
+    return streams[0]
 
 
 def _open(spec: OpenSpec) -> av.container.InputContainer:
