@@ -111,27 +111,6 @@ def switch_latencies(
     return latencies, misses
 
 
-def speaker_accuracy(events: list[dict[str, Any]], scene: Scene) -> float:
-    """Share of frames, from 0.5 s after each switch, whose latest speaker is the sounding tile.
-
-    The measure of ``tests/test_live.py``'s two-face test: the speaker said for a frame is the
-    last ``speaker`` event at or before its timestamp.
-    """
-    speakers = sorted((e for e in events if e["type"] == "speaker"), key=lambda e: e["pts_ns"])
-    right = counted = 0
-    for frame in range(round(scene.seconds * 25)):
-        t = frame / 25
-        turn = next(x for x in scene.turns if x[0] <= t < x[1])
-        if t - turn[0] < 0.5:
-            continue
-        said = [e for e in speakers if e["pts_ns"] <= frame * 40_000_000]
-        box = said[-1]["box"] if said and said[-1]["track_id"] is not None else None
-        tile = scene.tiles[turn[2]]
-        counted += 1
-        right += box is not None and tile[0] <= (box[0] + box[2]) / 2 < tile[2]
-    return right / counted if counted else 0.0
-
-
 def first_sync_delays(events: list[dict[str, Any]]) -> list[float]:
     """Seconds from each track's start event to its first ``ok`` sync event."""
     delays = []
@@ -216,7 +195,7 @@ def main() -> None:
         two = summarise(engine) | {
             "switch_latency_s": switches,
             "switch_misses": misses,
-            "speaker_right_share": speaker_accuracy(events, scene),
+            "speaker_right_share": scene.speaker_right_share(events),
         }
         print("concurrent streams:", flush=True)
         one_face_rows = concurrency(ONE_FACE, args.max_streams, 15.0, args.runs)

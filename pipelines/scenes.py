@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -49,6 +50,26 @@ class Scene:
             if start <= t_s < end:
                 return tile
         return None
+
+    def speaker_right_share(self, events: list[dict[str, Any]], settle_s: float = 0.5) -> float:
+        """Share of frames whose latest ``speaker`` event names the tile that has the sound.
+
+        Frames within ``settle_s`` after a switch are not counted; a frame's speaker is the last
+        ``speaker`` event at or before its timestamp, right when its box centre is in the tile.
+        """
+        speakers = sorted((e for e in events if e["type"] == "speaker"), key=lambda e: e["pts_ns"])
+        right = counted = 0
+        for frame in range(round(self.seconds * FPS)):
+            t = frame / FPS
+            turn = next(x for x in self.turns if x[0] <= t < x[1])
+            if t - turn[0] < settle_s:
+                continue
+            said = [e for e in speakers if e["pts_ns"] <= round(t * 1e9)]
+            box = said[-1]["box"] if said and said[-1]["track_id"] is not None else None
+            tile = self.tiles[turn[2]]
+            counted += 1
+            right += box is not None and tile[0] <= (box[0] + box[2]) / 2 < tile[2]
+        return right / counted if counted else 0.0
 
 
 def _video(path: Path, frames: int, side: int, start_s: float = 0.0) -> list[npt.NDArray[np.uint8]]:

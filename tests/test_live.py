@@ -16,7 +16,7 @@ import pytest
 
 from clients.talkscope_client import TalkscopeClient, TokenRefused
 from engine.analysis.speaker import SpeakerConfig, SpeakerSelector
-from pipelines.scenes import build_scene
+from pipelines.scenes import Scene, build_scene
 from tests.conftest import REPO, clip, free_udp_port, remux, scaled, serve_udp
 
 GERMAN = "mimictalk/German_20s.mp4"
@@ -83,6 +83,23 @@ def test_speaker_selector_holds_against_a_one_update_blip() -> None:
     assert (decision.state, decision.track_id) == ("silent", None)
 
 
+def test_scene_speaker_share_counts_frames_after_each_switch_settles() -> None:
+    tiles = [[0, 0, 100, 100], [100, 0, 200, 100]]
+    scene = Scene(Path("x.mp4"), tiles, [(0, 2, 0), (2, 4, 1)], 4.0)
+    left, right = [10, 10, 90, 90], [110, 10, 190, 90]
+
+    def speaker(t_s: float, box: list[int] | None) -> dict[str, Any]:
+        track = None if box is None else 1
+        return {"type": "speaker", "pts_ns": round(t_s * 1e9), "track_id": track, "box": box}
+
+    always_right = [speaker(0.0, left), speaker(2.0, right)]
+    assert scene.speaker_right_share(always_right) == 1.0
+    # 37 frames counted per turn (from 0.52 s); a switch named at 3.0 s misses 2.52..2.96 s
+    one_second_late = [speaker(0.0, left), speaker(3.0, right)]
+    assert scene.speaker_right_share(one_second_late) == pytest.approx(1 - 12 / 74)
+    assert scene.speaker_right_share([speaker(0.0, None)]) == 0.0
+
+
 def test_speech_without_a_matching_face_is_an_offscreen_voice() -> None:
     selector = SpeakerSelector(SpeakerConfig(offscreen_updates=3))
     states = [selector.update(0.95, {1: 0.05}).state for _ in range(4)]
@@ -122,19 +139,8 @@ async def test_two_face_scene_active_speaker_is_right_on_90_percent(tmp_path: Pa
     scene = build_scene([clip(GERMAN), clip(ANCHOR)], tmp_path / "scene.mp4", seconds=18.0)
     async with serving("--source", f"scene={scene.path}", "--exit-when-done") as url:
         events = await asyncio.wait_for(collect(url), scaled(120))
-    speakers = sorted((e for e in events if e["type"] == "speaker"), key=lambda e: e["pts_ns"])
-    right = counted = 0
-    for frame in range(round(scene.seconds * 25)):
-        t = frame / 25
-        turn = next(x for x in scene.turns if x[0] <= t < x[1])
-        if t - turn[0] < 0.5:
-            continue
-        said = [e for e in speakers if e["pts_ns"] <= frame * 40_000_000]
-        box = said[-1]["box"] if said and said[-1]["track_id"] is not None else None
-        tile = scene.tiles[turn[2]]
-        counted += 1
-        right += box is not None and tile[0] <= (box[0] + box[2]) / 2 < tile[2]
-    assert right / counted >= 0.9, f"{right}/{counted}"
+    share = scene.speaker_right_share(events)
+    assert share >= 0.9, f"speaker right on {share:.1%} of frames"
 
 
 async def test_a_token_is_required_when_set(tmp_path: Path) -> None:
