@@ -196,12 +196,9 @@ def lip_match(
             f"audio must be {(before + frames + after, video.shape[1])} for {frames} frames, "
             f"{before} before and {after} after, got {audio.shape}"
         )
-    means = np.array(
-        [
-            np.linalg.norm(video - audio[k : k + frames] + PAIRWISE_EPS, axis=1).mean()
-            for k in range(before + after + 1)
-        ]
-    )
+    reach = max(before, after)  # columns reach - before .. reach + after read real sound
+    dists = _shift_distances(video, audio, reach, audio_lead=before)
+    means = dists[:, reach - before : reach + after + 1].mean(axis=0)
     return float(np.median(means) - means[before - near : before + near + 1].min())
 
 
