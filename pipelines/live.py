@@ -69,14 +69,7 @@ from engine.sources.kinds import redact
 from engine.sources.webrtc import WebRtcSource
 from engine.vision.crops import SYNC_SMOOTH_LAG_FRAMES, CropConfig
 from engine.vision.geometry import Box
-from engine.vision.stage import (
-    FaceConfig,
-    FaceCrops,
-    FaceStage,
-    TrackEnded,
-    TrackStarted,
-    warmed_backend,
-)
+from engine.vision.stage import FaceConfig, FaceCrops, FaceStage, TrackEnded, TrackStarted
 from pipelines.live_identity import StreamIdentity
 
 log = logging.getLogger(__name__)
@@ -428,13 +421,12 @@ class LiveStream:
         return source
 
     async def _run(self) -> None:
-        backend = await asyncio.to_thread(warmed_backend)  # ready before the first frame is due
         source = self.source = self._open()
         async with (
             source,
             Pipeline[Any](
                 self._stamped(source),
-                [FaceStage(self.config.face, backend_factory=lambda: backend)],
+                [FaceStage(self.config.face)],
                 capacity=16,
                 name=self.stream_id,
             ) as pipe,
@@ -703,12 +695,24 @@ class LiveStream:
         run = _last_run(window)
         if len(run) < config.match_frames // 2:
             return None
-        audio_frames = range(run[0] - config.max_shift, run[-1] + config.match_after + 1)
+        pair = self._run_embeddings(track, run, config.max_shift, config.match_after)
+        if pair is None:
+            return None
+        return lip_match(*pair, before=config.max_shift, after=config.match_after)
+
+    def _run_embeddings(
+        self, track: _Track, run: list[int], before: int, after: int
+    ) -> tuple[Floats, Floats] | None:
+        """The run's lip embeddings and the audio around it; None while some audio is missing.
+
+        The audio runs from ``before`` frames ahead of the run's first frame to ``after`` frames
+        past its last.
+        """
+        audio_frames = range(run[0] - before, run[-1] + after + 1)
         if any(f not in self.audio_embeddings for f in audio_frames):
             return None
         video = np.stack([track.embeddings[f] for f in run])
-        audio = np.stack([self.audio_embeddings[f] for f in audio_frames])
-        return lip_match(video, audio, before=config.max_shift, after=config.match_after)
+        return video, np.stack([self.audio_embeddings[f] for f in audio_frames])
 
     async def _sync(self, track: _Track, loop: asyncio.AbstractEventLoop) -> dict[str, Any] | None:
         config = self.config
@@ -730,14 +734,12 @@ class LiveStream:
         }
         if len(run) < round(config.min_window_s * 25):
             return base | {"state": "unknown", "frames": len(run), "reason": "warming up"}
-        audio_frames = range(run[0] - shift, run[-1] + shift + 1)
-        if any(f not in self.audio_embeddings for f in audio_frames):
+        pair = self._run_embeddings(track, run, shift, shift)
+        if pair is None:
             return base | {"state": "unknown", "frames": len(run), "reason": "no audio"}
         if self._speech(run[0], run[-1] + 5) < config.speech_min:
             return base | {"state": "unknown", "frames": len(run), "reason": "no speech"}
-        video = np.stack([track.embeddings[f] for f in run])
-        audio = np.stack([self.audio_embeddings[f] for f in audio_frames])
-        estimate = await loop.run_in_executor(self.models.analysis, _estimate, video, audio, shift)
+        estimate = await loop.run_in_executor(self.models.analysis, _estimate, *pair, shift)
         return base | {
             "state": "ok",
             "frames": len(run),

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.core.frame import NS_PER_S, Frame, FrameKind
-from engine.vision.backend import Detection, FaceBackend
+from engine.vision.backend import FaceBackend
 from engine.vision.crops import (
     CropConfig,
     FaceGeometry,
@@ -144,23 +144,6 @@ def default_backend() -> FaceBackend:
     from engine.vision.mediapipe import MediapipeFaceBackend
 
     return MediapipeFaceBackend(threads=1)
-
-
-def warmed_backend() -> FaceBackend:
-    """The default back-end after one detection and one landmark fit on a grey picture.
-
-    LiteRT prepares its kernels on an interpreter's first run (tens of ms each); a live stream
-    that did that on its first frames would fall behind its paced source and drop them.
-    """
-    backend = default_backend()
-    grey = np.full((256, 256, 3), 128, dtype=np.uint8)
-    backend.detect(grey)
-    keypoints = np.array(
-        [[100, 110], [156, 110], [128, 140], [128, 170], [80, 120], [176, 120]], dtype=np.float32
-    )
-    face = Detection((64.0, 64.0, 192.0, 192.0), keypoints, 1.0)
-    backend.mesh(grey, backend.roi_from_detection(face))
-    return backend
 
 
 class FaceProcessor:
