@@ -46,6 +46,7 @@ from engine.models.pins import (  # noqa: E402
     VOICE_TOWER,
     VOICE_TRUNK_SIZE,
     Head,
+    PinsTowerSpec,
     ScratchFaceNet,
     ScratchVoiceNet,
 )
@@ -300,22 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     voice = OnnxBackend(PINS_WEIGHTS_DIR / VOICE_TOWER.file_name, threads=1)
     torch.manual_seed(0)
     bank = slaney_mel_filterbank()
-    raw_face = OnnxBackend(
-        assemble_tower(
-            FACE_TOWER,
-            args.models / TRUNK_FILES["face"],
-            Head(FACE_TRUNK_SIZE).eval().arrays(),
-            bank,
-        )
-    )
-    raw_voice = OnnxBackend(
-        assemble_tower(
-            VOICE_TOWER,
-            args.models / TRUNK_FILES["voice"],
-            Head(VOICE_TRUNK_SIZE).eval().arrays(),
-            bank,
-        )
-    )
+
+    def untrained(tower: PinsTowerSpec, trunk: str, size: int) -> OnnxBackend:
+        """The tower with a freshly initialised head (seeded: face first, then voice)."""
+        head = Head(size).eval().arrays()
+        return OnnxBackend(assemble_tower(tower, args.models / TRUNK_FILES[trunk], head, bank))
+
+    raw_face = untrained(FACE_TOWER, "face", FACE_TRUNK_SIZE)
+    raw_voice = untrained(VOICE_TOWER, "voice", VOICE_TRUNK_SIZE)
     embedders: dict[str, Embedder] = {
         "pins": tower_embedder(face, voice),
         "untrained-heads": tower_embedder(raw_face, raw_voice),
