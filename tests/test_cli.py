@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO, clip
+from tests.conftest import clip, run_talkscope
 
 
 def talkscope(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_talkscope(*args, timeout_s=120)
 
 
 def test_main_job_runs_on_the_embedded_demo() -> None:

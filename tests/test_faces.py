@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -30,10 +28,10 @@ from engine.vision.stage import (
 from engine.vision.tracker import TrackerConfig, TrackerState
 from pipelines.faces import FacesReport, analyse_faces
 from tests.conftest import (
-    REPO,
     clip,
     decode_rgb,
     encode_rgb,
+    run_talkscope,
     scaled,
     single_face_clips,
     write_clip,
@@ -334,17 +332,9 @@ async def test_stage_serves_several_streams_and_passes_frames_through() -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     # asyncio debug mode (CI sets it) logs any step over 100 ms: on a loaded 2-core machine that
-    # includes innocent ones, so the CLI subprocess runs without it; in-process tests keep it.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=scaled(120),
-        check=False,
-    )
+    # includes innocent ones, so the CLI subprocess runs without it (an empty value is off);
+    # in-process tests keep it.
+    return run_talkscope(*args, timeout_s=scaled(120), env={"PYTHONASYNCIODEBUG": ""})
 
 
 def test_cli_faces_json_and_preview(tmp_path: Path, two_faces: Path) -> None:
